@@ -20,6 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from datamodules.datasets import CAPTION_TEMPLATES, CaptionDataset, ConversationDataset, ModelInterface
 from synth.conversation_io import read_conversations
 from synth.pairs import read_pairs
+from synth.schema import Location, SchemaError
 
 
 @dataclass
@@ -141,8 +142,12 @@ class ConversationDataModule(_BindingDataModule):
         records, lengths = [], []
         for source in sources:
             conversations, report = read_conversations(source.path, on_error=self.on_error, format=source.format)
-            self.read_reports[source.path] = report.summary()
             root = source.image_root or str(Path(source.path).resolve().parent)
+            conversations = self._within_root(conversations, root, source, report)
+            self.read_reports[source.path] = report.summary()
+            if not conversations:
+                raise ValueError(f"{source.path} gave no usable conversation ({report.summary()}); fix or drop "
+                                 "this source")
             records.append([(conversation, root) for conversation in conversations])
             lengths.append(len(conversations))
         datasets = [ConversationDataset(r, self.interface, self.max_length, self.on_error) for r in records]
@@ -150,6 +155,21 @@ class ConversationDataModule(_BindingDataModule):
             return ConcatDataset(datasets)
         chosen = weighted_indices(lengths, [s.weight for s in sources], self.seed)
         return ConcatDataset([Subset(d, idx.tolist()) for d, idx in zip(datasets, chosen)])
+
+    def _within_root(self, conversations: list, root: str, source: ConversationSource, report) -> list:
+        """Records whose ``image_dir`` stays inside the source's image root; the others are rejected."""
+        kept = []
+        for conversation in conversations:
+            try:
+                conversation.image_base(root)
+            except SchemaError as error:
+                located = error.at(Location(source.path, None, conversation.id))
+                if self.on_error == "raise":
+                    raise located from None
+                report.rejected.append(located)
+                continue
+            kept.append(conversation)
+        return kept
 
     def output_captions(self) -> list[str]:
         captions = set()

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from synth.schema import IMAGE_PLACEHOLDER, Conversation, Turn
+from synth.schema import IMAGE_PLACEHOLDER, Conversation, SchemaError, Turn
 
 IGNORE_INDEX = -100
 #: The token whose embeddings are replaced by an image's query outputs.
@@ -167,8 +167,11 @@ def render_conversation(
             sample.labels += ids if trained else [IGNORE_INDEX] * len(ids)
             if position == len(images):
                 break
-            reference = str(conversation.image_path(images[position], image_root)) if image_root is not None \
-                else images[position]
+            try:
+                reference = str(conversation.image_path(images[position], image_root)) if image_root is not None \
+                    else images[position]
+            except SchemaError as error:
+                raise SampleError(f"record {conversation.id!r}: {error.detail}") from None
             # an image the assistant shows: the head decides how it is written and learnt
             output = renderer.render_output_image(captions[position], conversation.id) if trained else OutputImage()
             if output.tokens:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from synth.prompt import image_tag
+from synth.redact import Redactor
 
 
 @dataclass
@@ -27,12 +28,19 @@ class Completion:
 
 class BackendError(Exception):
     """One failed attempt. ``retryable``: rate limits, server errors, timeouts, broken
-    connections and malformed replies are; bad requests and authentication are not."""
+    connections and malformed replies are; bad requests and authentication are not.
+    ``fatal``: no later request can succeed either (a refused key, a model the endpoint does
+    not have), so the run stops at once instead of failing every group in turn."""
 
-    def __init__(self, message: str, retryable: bool, retry_after: float | None = None):
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None, fatal: bool = False):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+        self.fatal = fatal
+
+#: HTTP statuses after which every further request would fail the same way.
+FATAL_STATUSES = {401: "the endpoint refused the API key", 403: "the key may not use this model or endpoint",
+                  404: "the endpoint has no such model or path (check generate.model and generate.base_url)"}
 
 
 class ChatBackend(Protocol):
@@ -58,6 +66,8 @@ class OpenAIChatBackend:
         from openai import AsyncOpenAI
 
         key = os.environ.get(api_key_env)
+        self.api_key_env = api_key_env
+        self.redact = Redactor([key])
         if key is None:
             if base_url is None:
                 raise ValueError(f"set the API key in the environment variable {api_key_env} (it is read from "
@@ -71,6 +81,12 @@ class OpenAIChatBackend:
             self.sampling["max_tokens"] = max_tokens
 
     async def complete(self, prompt: str, captions: Sequence[str], seed: int) -> Completion:
+        try:
+            return await self._complete(prompt)
+        except BackendError as error:  # error bodies can echo the Authorization header
+            raise BackendError(self.redact(str(error)), error.retryable, error.retry_after, error.fatal) from None
+
+    async def _complete(self, prompt: str) -> Completion:
         import openai
 
         try:
@@ -84,7 +100,11 @@ class OpenAIChatBackend:
             raise BackendError(f"connection error: {error.message}", True) from None
         except openai.APIStatusError as error:
             retryable = error.status_code >= 500 or error.status_code in (408, 409)
-            raise BackendError(f"HTTP {error.status_code}: {error.message}", retryable, _retry_after(error)) from None
+            hint = FATAL_STATUSES.get(error.status_code)
+            message = f"HTTP {error.status_code}: {error.message}"
+            if hint:
+                message += f" ({hint}; the key is read from ${self.api_key_env})"
+            raise BackendError(message, retryable, _retry_after(error), fatal=hint is not None) from None
         except openai.APIResponseValidationError as error:
             raise BackendError(f"malformed reply: {error.message}", True) from None
         except openai.OpenAIError as error:

@@ -103,9 +103,15 @@ def run_annotate(config_path: Path, overrides: list[str], limit: int | None, inc
     return 0
 
 
+#: Exit status of a stage that stopped cleanly before finishing (a budget was reached): rerun to continue.
+EXIT_INCOMPLETE = 3
+
+
 def run_stages(command: str, config_path: Path, overrides: list[str], force: bool, until: str | None) -> int:
+    """Run a stage or the pipeline; exit 0 only when every stage asked for finished and produced something."""
     from synth.config import load_config
-    from synth.pipeline import run_all, run_stage  # StageMismatch is a RuntimeError
+    from synth.generate import GenerationAborted
+    from synth.pipeline import StageIncomplete, produced_nothing, run_all, run_stage
 
     try:
         config = load_config(config_path, overrides)
@@ -113,9 +119,18 @@ def run_stages(command: str, config_path: Path, overrides: list[str], force: boo
             run_all(config, force=force, until=until)
         else:
             run_stage(config, command, force=force)
-    except (ValueError, RuntimeError) as error:
+    except StageIncomplete as error:
+        print(f"synth {command}: {error}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except (ValueError, RuntimeError, GenerationAborted) as error:  # StageMismatch, EmptyStageError are RuntimeErrors
         print(f"synth {command}: {error}", file=sys.stderr)
         return 1
+    if command in ("run", "filter", "stats"):
+        problems = produced_nothing(config)
+        for problem in problems:
+            print(f"synth {command}: {problem}", file=sys.stderr)
+        if problems:
+            return 1
     return 0
 
 

@@ -19,8 +19,11 @@ from synth.zoo.clip import DEFAULT_CLIP
 @dataclass
 class IngestConfig:
     sources: list[IngestSource] = field(default_factory=list)
-    verify_images: bool = True  # decode-check each image, so the score stage never meets a broken file
+    verify_images: bool = True  # decode every image in full, so later stages meet only images that decode
     max_caption_chars: int = 1000  # longer "captions" are scraped text, not descriptions
+    # images whose header claims more pixels are rejected before decoding (decompression bombs);
+    # Pillow's own default limit. Raising it past ~179 M also needs PIL.Image.MAX_IMAGE_PIXELS raised.
+    max_image_pixels: int = 89_478_485
 
 
 @dataclass
@@ -67,11 +70,17 @@ class GenerateConfig:
     backoff_seconds: float = 2.0
     max_backoff_seconds: float = 60.0
     timeout: float = 120.0  # seconds per request
+    max_consecutive_failures: int = 20  # this many failed groups in a row, none generated: the run stops
     seed_set: str | None = None  # JSONL of labelled examples; None: the bundled Appendix B seeds
     num_examples: int = 3  # section 3.3: three in-context examples per prompt
     seed: int = 0
-    price_per_million_prompt_tokens: float = 30.0  # GPT-4 (8k context) list price in 2023, for the cost estimate
-    price_per_million_completion_tokens: float = 60.0
+    # USD per million tokens by model, over the built-in table (synth.costs.DEFAULT_PRICES), e.g.
+    # {my-model: {prompt: 0.2, completion: 0.2}}; a model with no price is reported in tokens only
+    prices: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # counts prompt tokens for the estimate (hub id or directory); else tiktoken/4 chars
+    expected_completion_tokens: int = 1024  # for the estimate and the budget reservation
+    max_cost: float | None = None  # USD this run may spend (needs a known price); a rerun continues
+    max_tokens_total: int | None = None  # prompt + completion tokens this run may use; a rerun continues
 
 
 @dataclass

@@ -25,10 +25,11 @@ Format = Literal["auto", "textbind", "llava"]
 
 @dataclass
 class ReadReport:
-    """What a read kept and what it rejected, and why."""
+    """What a read kept and what it rejected, and why; and which files held no record at all."""
 
     read: int = 0
     rejected: list[SchemaError] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)  # files with no record in them
 
     def reasons(self) -> Counter[str]:
         return Counter(error.rule for error in self.rejected)
@@ -37,19 +38,25 @@ class ReadReport:
         text = f"{self.read} conversation(s) read, {len(self.rejected)} rejected"
         if self.rejected:
             text += " (" + ", ".join(f"{rule}: {count}" for rule, count in sorted(self.reasons().items())) + ")"
+        if self.empty:
+            text += "; held no record: " + ", ".join(self.empty)
         return text
+
+
+_NESTING = "nested deeper than Python's recursion limit allows; a conversation record is never that deep"
 
 
 def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line, parsed JSON or the SchemaError that stopped it) for each record of a file.
 
     JSONL lines fail one at a time and the rest still read; a JSON array is
-    decoded element by element so that every record still knows its line.
+    decoded element by element so that every record still knows its line, and a
+    bad element (invalid UTF-8, absurd nesting) is reported while the rest read on.
     """
     data = path.read_bytes()
     start = len(data) - len(data.lstrip())
     if data[start:start + 1] == b"[":
-        yield from _array_records(path, data)
+        yield from _array_records(data)
         return
     for number, raw_line in enumerate(data.splitlines(), start=1):
         if not raw_line.strip():
@@ -60,15 +67,38 @@ def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield number, SchemaError("unreadable", f"line is not valid UTF-8 ({error.reason} at byte {error.start})")
         except json.JSONDecodeError as error:
             yield number, SchemaError("unreadable", f"line is not valid JSON: {error.msg} at column {error.colno}")
+        except RecursionError:
+            yield number, SchemaError("unreadable", f"line is {_NESTING}")
 
 
-def _array_records(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
-        yield line, SchemaError("unreadable", f"file is not valid UTF-8 ({error.reason}); cannot read the array")
-        return
+def _value_end(text: str, position: int) -> int | None:
+    """Where the JSON value starting at ``position`` ends, found without recursion (for values too
+    deep to parse); None when the text ends first. Strings and their escapes are respected."""
+    depth, in_string, escaped = 0, False, False
+    for index in range(position, len(text)):
+        char = text[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
+
+
+def _array_records(data: bytes) -> Iterator[tuple[int, Any]]:
+    # Invalid UTF-8 bytes become lone surrogates (U+DC80..U+DCFF), so one bad byte costs only the
+    # record that holds it; such a record is found by re-checking its span strictly.
+    text = data.decode("utf-8", errors="surrogateescape")
     decoder = json.JSONDecoder()
 
     def skip_space(position: int) -> int:
@@ -91,6 +121,20 @@ def _array_records(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
                 "unreadable", f"not valid JSON: {error.msg} at column {error.colno}; the rest of the array is unread"
             )
             return
+        except RecursionError:
+            end = _value_end(text, position)
+            if end is None:
+                yield line_of(position), SchemaError("unreadable", f"record is {_NESTING}; the rest of the array "
+                                                                   "is unread (the file ends inside it)")
+                return
+            value = SchemaError("unreadable", f"record is {_NESTING}")
+        span = text[position:end]
+        try:
+            span.encode("utf-8")
+        except UnicodeEncodeError as error:
+            byte = len(text[:position + error.start].encode("utf-8", errors="surrogateescape"))
+            value = SchemaError("unreadable", f"record holds bytes that are not valid UTF-8 (at byte {byte} of the "
+                                              "file); fix the encoding of this record")
         yield line_of(position), value
         position = skip_space(end)
         separator = text[position:position + 1]
@@ -113,7 +157,9 @@ def iter_conversations(
     """Yield the valid conversations of one file, in order.
 
     Records without an ``id`` get ``<file stem>-<index>`` so every record can
-    be named in messages and kept apart when files are mixed.
+    be named in messages and kept apart when files are mixed. A second record
+    with an id already used in the file is rejected (``duplicate_id``). A file
+    with no record at all is listed in ``report.empty``.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -121,7 +167,10 @@ def iter_conversations(
         raise ValueError(f"format must be 'auto', 'textbind' or 'llava', got {format!r}")
     path = Path(path)
     report = report if report is not None else ReadReport()
+    seen: dict[str, int] = {}  # record id -> line, within this file
+    records = 0
     for index, (line, raw) in enumerate(_raw_records(path)):
+        records += 1
         default_id = f"{path.stem}-{index:06d}"
         record_id = None
         try:
@@ -131,14 +180,20 @@ def iter_conversations(
                 record_id = str(raw["id"])
             parse = PARSERS[detect_format(raw) if format == "auto" else format]
             conversation = parse(raw, default_id)
+            if conversation.id in seen:
+                raise SchemaError("duplicate_id", f"id {conversation.id!r} was already used by the record at line "
+                                                  f"{seen[conversation.id]}; ids must be unique within a file")
         except SchemaError as error:
             located = error.at(Location(str(path), line, record_id))
             if on_error == "raise":
                 raise located from None
             report.rejected.append(located)
             continue
+        seen[conversation.id] = line
         report.read += 1
         yield conversation
+    if not records:
+        report.empty.append(str(path))
 
 
 def read_conversations(

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from PIL import Image
 from tqdm import tqdm
 
 from synth.atomic import atomic_path
@@ -55,6 +56,9 @@ class Ranks:
 
 
 class _PairImages(Dataset):
+    """Images and captions of pairs; an image that no longer decodes comes back as None, never
+    as an exception that would stop the stage (ingest decodes every image, but files can change)."""
+
     def __init__(self, pairs: list[ImagePair]):
         self.pairs = pairs
 
@@ -63,7 +67,10 @@ class _PairImages(Dataset):
 
     def __getitem__(self, index: int):
         pair = self.pairs[index]
-        return open_image(pair.image), pair.caption
+        try:
+            return open_image(pair.image), pair.caption
+        except OSError:  # ImageDecodeError, a missing file or a cut tar member
+            return None, pair.caption
 
 
 def shard_path(out_dir: Path, index: int) -> Path:
@@ -118,7 +125,10 @@ def embed_pairs(
 
         def collate(batch):
             images, captions = zip(*batch)
-            return bundle.prepare(list(images), list(captions))
+            unreadable = torch.tensor([image is None for image in images])
+            # a blank stand-in keeps the batch's shape; its score is set to -inf below
+            images = [Image.new("RGB", (8, 8)) if image is None else image for image in images]
+            return bundle.prepare(list(images), list(captions)), unreadable
 
         total_batches = sum(-(-len(shards[i]) // batch_size) for i in todo)
         done_batches = 0
@@ -127,11 +137,12 @@ def embed_pairs(
             for index in todo:
                 loader = DataLoader(_PairImages(shards[index]), batch_size=batch_size, num_workers=num_workers,
                                     collate_fn=collate)
-                scores, embeddings = [], []
-                for inputs in loader:
+                scores, embeddings, unreadable = [], [], []
+                for inputs, failed in loader:
                     inputs = {key: value.to(device) for key, value in inputs.items()}
                     batch_scores, batch_embeddings = bundle.score_and_embed(**inputs)
-                    scores.append(batch_scores.float().cpu().numpy())
+                    scores.append(batch_scores.float().cpu().masked_fill(failed, float("-inf")).numpy())
+                    unreadable.append(failed.numpy())
                     embeddings.append(batch_embeddings.float().cpu().numpy().astype(dtype))
                     done_batches += 1
                     progress.update()
@@ -140,13 +151,17 @@ def embed_pairs(
                 with atomic_path(paths[index]) as temporary:
                     with temporary.open("wb") as handle:
                         np.savez(handle, ids=np.array([pair.id for pair in shards[index]]),
-                                 scores=np.concatenate(scores), embeddings=np.concatenate(embeddings))
+                                 scores=np.concatenate(scores), embeddings=np.concatenate(embeddings),
+                                 unreadable=np.concatenate(unreadable))
     ranks.barrier()
     return paths
 
 
 def load_embeddings(shards: list[Path], min_score: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(ids, scores, float32 embeddings) of the pairs scoring at least ``min_score``, and the total count."""
+    """(ids, scores, float32 embeddings) of the pairs scoring at least ``min_score``, and the total count.
+
+    Pairs whose image did not decode in the score stage carry a score of -inf and are never kept.
+    """
     ids, scores, embeddings, total = [], [], [], 0
     for path in shards:
         shard = load_shard(path)

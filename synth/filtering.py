@@ -50,6 +50,19 @@ def to_conversation(generation: dict[str, Any], max_distance: float) -> Conversa
     return conversation
 
 
+def _generation(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("pairs"), list) or "group_id" not in record:
+        return None
+    if not all(isinstance(p, dict) and isinstance(p.get("caption"), str) and "image" in p and "id" in p
+               for p in record["pairs"]):
+        return None
+    return record
+
+
 def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                        max_distance: float = 0.1) -> dict[str, Any]:
     out_dir = Path(out_dir)
@@ -57,11 +70,17 @@ def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | 
     rejected: list[str] = []
     reasons: Counter[str] = Counter()
     images: dict[str, str] = {}
-    with open(generations_path, encoding="utf-8") as lines:
-        for line in lines:
+    with open(generations_path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            generation = json.loads(line)
+            generation = _generation(line)
+            if generation is None:  # a line damaged on disk: reported, never fatal
+                reasons["unreadable_line"] += 1
+                rejected.append(json.dumps({"group_id": None, "reason": "unreadable_line",
+                                            "detail": f"{generations_path}:{number} is not a generation record",
+                                            "output": line[:1000]}, ensure_ascii=False) + "\n")
+                continue
             result = to_conversation(generation, max_distance)
             if isinstance(result, ParseRejection):
                 reasons[result.reason] += 1

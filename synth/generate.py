@@ -5,12 +5,16 @@ requests- and tokens-per-minute limits. A failed attempt is retried with
 capped exponential backoff and jitter when it is worth retrying (429, 5xx,
 timeouts, broken connections, malformed replies), honouring ``Retry-After``;
 a group whose attempts run out is written to ``failures.jsonl`` with its
-last error, and the run goes on.
+last error, and the run goes on. A fatal error (a refused key: HTTP 401, 403,
+404), or a long run of failed groups with no success between them, stops the
+run at once: no point failing 30,000 groups one by one. A :class:`Budget`
+(dollars or tokens per run) stops it cleanly when reached.
 
 Every finished group is appended to ``generations.jsonl`` the moment it
 arrives. A rerun reads that file and sends only the groups not yet in it, so
 a crash, a kill or Ctrl-C loses at most the requests in flight and never
-duplicates one. Failed groups are retried by the next run.
+duplicates one. Failed groups are retried by the next run. Everything written
+passes through a :class:`~synth.redact.Redactor`, so no API key reaches a file.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,9 @@ from typing import Any
 from tqdm import tqdm
 
 from synth.backends import BackendError, ChatBackend
+from synth.costs import Price
 from synth.prompt import SeedExample, choose_examples, render_prompt
+from synth.redact import Redactor
 
 
 @dataclass
@@ -71,17 +77,6 @@ class RateLimiter:
 
 
 @dataclass
-class Prices:
-    """US dollars per million tokens, for the running cost estimate."""
-
-    prompt: float = 30.0
-    completion: float = 60.0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1e6
-
-
-@dataclass
 class Tally:
     generated: int = 0
     failed: int = 0
@@ -90,6 +85,41 @@ class Tally:
     completion_tokens: int = 0
     attempts: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    stopped: str | None = None  # why the run stopped before every group was tried: "budget"
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Budget:
+    """Limits on what one run may spend; a run that reaches one stops sending requests and ends
+    cleanly (the requests in flight finish and are kept), and a rerun carries on.
+
+    Before each request its estimated tokens (and cost, when the price is known) are reserved, so
+    the requests in flight together cannot overshoot the limit by more than the estimate's error.
+    """
+
+    max_cost: float | None = None  # US dollars; needs a known price
+    max_tokens_total: int | None = None  # prompt + completion tokens
+    price: Price | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_cost is not None and self.price is None:
+            raise ValueError("generate.max_cost needs the model's price, and none is known: add it under "
+                             "generate.prices, or limit tokens with generate.max_tokens_total instead")
+
+    def allows(self, tally: Tally, reserved_tokens: int, reserved_cost: float, tokens: int, cost: float) -> bool:
+        if self.max_tokens_total is not None and tally.tokens + reserved_tokens + tokens > self.max_tokens_total:
+            return False
+        spent = self.price.cost(tally.prompt_tokens, tally.completion_tokens) if self.price else 0.0
+        return self.max_cost is None or spent + reserved_cost + cost <= self.max_cost
+
+
+class GenerationAborted(RuntimeError):
+    """No further request can succeed (a refused key, an unknown model, an endpoint that fails every
+    request): the run stopped at once. Groups already generated are kept; a rerun resumes."""
 
 
 def read_done(path: Path) -> set[str]:
@@ -117,18 +147,33 @@ def read_groups(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 class _Appender:
-    """Append-only JSONL writer: one whole line per record, flushed at once."""
+    """Append-only JSONL writer: one whole line per record, flushed at once, secrets redacted."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, redact: Callable[[str], str] = Redactor()):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(path, "a", encoding="utf-8")
+        self.redact = redact
 
     def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.write(self.redact(json.dumps(record, ensure_ascii=False)) + "\n")
         self.handle.flush()
 
     def close(self) -> None:
         self.handle.close()
+
+
+def group_prompt(group: dict[str, Any], seeds: Sequence[SeedExample], num_examples: int, seed: int
+                 ) -> tuple[str, list[SeedExample], random.Random]:
+    """The group's prompt and examples, and the random state its attempts go on with: the same on every rerun."""
+    rng = random.Random(f"{seed}:{group['group_id']}")
+    examples = choose_examples(seeds, rng, num_examples)
+    return render_prompt([pair["caption"] for pair in group["pairs"]], examples), examples, rng
+
+
+def pending_groups(groups: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The groups ``generations.jsonl`` does not hold yet."""
+    done = read_done(Path(out_dir) / "generations.jsonl")
+    return [group for group in groups if group["group_id"] not in done]
 
 
 async def generate_groups(
@@ -140,51 +185,84 @@ async def generate_groups(
     requests_per_minute: float = 0,
     tokens_per_minute: float = 0,
     retry: RetryPolicy | None = None,
-    prices: Prices | None = None,
+    price: Price | None = None,
     num_examples: int = 3,
     seed: int = 0,
     expected_completion_tokens: int = 1024,
+    budget: Budget | None = None,
+    max_consecutive_failures: int = 20,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> Tally:
-    """Generate every group not yet in ``out_dir/generations.jsonl``; return the tally of this run."""
+    """Generate every group not yet in ``out_dir/generations.jsonl``; return the tally of this run.
+
+    Raises :class:`GenerationAborted` on a fatal error (HTTP 401/403/404), or once
+    ``max_consecutive_failures`` groups in a row have failed with none generated in between.
+    """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     out_dir = Path(out_dir)
-    retry, prices = retry or RetryPolicy(), prices or Prices()
-    done = read_done(out_dir / "generations.jsonl")
-    todo = [group for group in groups if group["group_id"] not in done]
+    retry, budget = retry or RetryPolicy(), budget or Budget()
+    count_tokens = count_tokens or (lambda text: -(-len(text) // 4))
+    todo = pending_groups(groups, out_dir)
     tally = Tally(already_done=len(groups) - len(todo))
     limiter = RateLimiter(requests_per_minute, tokens_per_minute)
     semaphore = asyncio.Semaphore(concurrency)
-    generations, failures = _Appender(out_dir / "generations.jsonl"), _Appender(out_dir / "failures.jsonl")
+    redact = getattr(backend, "redact", Redactor())
+    generations = _Appender(out_dir / "generations.jsonl", redact)
+    failures = _Appender(out_dir / "failures.jsonl", redact)
     progress = tqdm(total=len(groups), initial=tally.already_done, desc=f"generate ({backend.name})", unit="group")
+    reserved = {"tokens": 0, "cost": 0.0}
+    state = {"consecutive_failures": 0, "abort": None}
 
     def show() -> None:
-        progress.set_postfix(refresh=False, failed=tally.failed, tokens=tally.prompt_tokens + tally.completion_tokens,
-                             cost=f"${prices.cost(tally.prompt_tokens, tally.completion_tokens):.2f}")
+        postfix = {"failed": tally.failed, "tokens": tally.tokens}
+        if price is not None:
+            postfix["cost"] = f"${price.cost(tally.prompt_tokens, tally.completion_tokens):.2f}"
+        progress.set_postfix(refresh=False, **postfix)
+
+    def record_failure(group_id: str, attempt: int, error: BackendError) -> None:
+        tally.failed += 1
+        failures.write({"group_id": group_id, "attempts": attempt, "error": str(error),
+                        "retryable": error.retryable, "fatal": error.fatal, "time": round(time.time(), 3)})
+        state["consecutive_failures"] += 1
+        if error.fatal:
+            state["abort"] = f"stopped at once: {error}"
+        elif state["consecutive_failures"] >= max_consecutive_failures:
+            state["abort"] = (f"stopped after {state['consecutive_failures']} groups in a row failed (last error: "
+                              f"{error}); the endpoint seems unusable, see failures.jsonl")
 
     async def one(group: dict[str, Any]) -> None:
         group_id = group["group_id"]
-        rng = random.Random(f"{seed}:{group_id}")  # the same examples and jitter on every rerun
         captions = [pair["caption"] for pair in group["pairs"]]
-        examples = choose_examples(seeds, rng, num_examples)
-        prompt = render_prompt(captions, examples)
+        prompt, examples, rng = group_prompt(group, seeds, num_examples, seed)
+        need_tokens = count_tokens(prompt) + expected_completion_tokens
+        need_cost = price.cost(need_tokens - expected_completion_tokens, expected_completion_tokens) if price else 0.0
         async with semaphore:
             for attempt in range(1, retry.max_attempts + 1):
-                await limiter.acquire(len(prompt) // 4 + expected_completion_tokens)
-                tally.attempts += 1
+                if state["abort"] or tally.stopped:
+                    return
+                if not budget.allows(tally, reserved["tokens"], reserved["cost"], need_tokens, need_cost):
+                    tally.stopped = "budget"
+                    return
+                reserved["tokens"] += need_tokens
+                reserved["cost"] += need_cost
                 try:
+                    await limiter.acquire(need_tokens)
+                    tally.attempts += 1
                     completion = await backend.complete(prompt, captions, rng.randrange(2**31))
                 except BackendError as error:
                     kind = str(error).split(":")[0]
                     tally.errors[kind] = tally.errors.get(kind, 0) + 1
-                    if error.retryable and attempt < retry.max_attempts:
+                    if error.retryable and not error.fatal and attempt < retry.max_attempts:
                         await asyncio.sleep(retry.delay(attempt, error.retry_after, rng))
                         continue
-                    tally.failed += 1
-                    failures.write({"group_id": group_id, "attempts": attempt, "error": str(error),
-                                    "retryable": error.retryable, "time": round(time.time(), 3)})
+                    record_failure(group_id, attempt, error)
                     break
+                finally:
+                    reserved["tokens"] -= need_tokens
+                    reserved["cost"] -= need_cost
                 tally.generated += 1
+                state["consecutive_failures"] = 0
                 tally.prompt_tokens += completion.prompt_tokens
                 tally.completion_tokens += completion.completion_tokens
                 generations.write({"group_id": group_id, "cluster": group.get("cluster"), "pairs": group["pairs"],
@@ -196,11 +274,27 @@ async def generate_groups(
         progress.update()
         show()
 
+    tasks = [asyncio.ensure_future(one(group)) for group in todo]
     try:
-        await asyncio.gather(*(one(group) for group in todo))
+        pending = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if state["abort"]:
+                for task in pending:  # requests in flight are dropped, never recorded: a rerun sends them again
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                break
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
     finally:
+        for task in tasks:
+            task.cancel()
         generations.close()
         failures.close()
         progress.close()
         await backend.close()
+    if state["abort"]:
+        raise GenerationAborted(f"generate: {state['abort']}. {tally.generated} group(s) generated in this run are "
+                                "kept; fix the cause and rerun to continue.")
     return tally

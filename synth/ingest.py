@@ -9,7 +9,6 @@ location and reason, and counted in ``summary.json``.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import tarfile
@@ -21,7 +20,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from synth.atomic import atomic_write_text
-from synth.pairs import TAR_SEPARATOR, ImagePair, pair_id, read_image_bytes, write_pairs
+from synth.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from synth.pairs import (TAR_SEPARATOR, ImagePair, TarReadError, pair_id, read_image_bytes, read_member, scan_tar,
+                         write_pairs)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -90,21 +91,36 @@ class IngestResult:
 
 # --- readers: each yields Candidates, or Rejections for what it cannot even pair up --------
 
+def _not_utf8(values) -> bool:
+    """Whether text read with errors="surrogateescape" held bytes that are not UTF-8."""
+    return any("\udc80" <= char <= "\udcff" for value in values for char in value)
+
+
 def _read_sidecar(path: Path) -> Iterator[tuple[int, dict | None, str]]:
-    """(line, row or None, error) for a JSONL or CSV captions file."""
+    """(line, row or None, error) for a JSONL or CSV captions file; a bad line costs only itself."""
+    # surrogateescape: one invalid byte is a broken line, not a dead stage
     if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
             for number, row in enumerate(csv.DictReader(handle), start=2):
-                yield number, row, ""
+                if _not_utf8(str(value) for value in row.values()):
+                    yield number, None, "not valid UTF-8"
+                else:
+                    yield number, row, ""
         return
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
+                continue
+            if _not_utf8([line]):
+                yield number, None, "not valid UTF-8"
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 yield number, None, f"not valid JSON: {error.msg}"
+                continue
+            except RecursionError:
+                yield number, None, "nested deeper than Python's recursion limit allows"
                 continue
             yield (number, row, "") if isinstance(row, dict) else (number, None, "not a JSON object")
 
@@ -146,12 +162,15 @@ def _table_rows(path: Path, source: IngestSource) -> Iterator[tuple[int, dict | 
         yield from _read_sidecar(path)
         return
     delimiter = "\t" if kind == "tsv" else ","
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         header = source.columns or next(reader, None) or []
         first_line = 1 if source.columns else 2
         for number, values in enumerate(reader, start=first_line):
             if not values:
+                continue
+            if _not_utf8(values):
+                yield number, None, "not valid UTF-8"
                 continue
             if len(values) != len(header):
                 yield number, None, f"{len(values)} fields where {len(header)} columns {header} were expected"
@@ -211,7 +230,11 @@ def _has_trailing_data(shard: Path, offset: int) -> bool:
 
 
 def read_webdataset(source: IngestSource) -> Iterator[Candidate | Rejection]:
-    """Stream each shard once; samples are members sharing a key (the name before its first dot)."""
+    """Stream each shard once; samples are members sharing a key (the name before its first dot).
+
+    Only members that lie wholly inside the file are read, and a sample is kept only if
+    every member of it read whole: a cut shard keeps the samples before the cut.
+    """
     for shard in _shards(Path(source.path)):
         try:
             handle = tarfile.open(shard)
@@ -219,23 +242,30 @@ def read_webdataset(source: IngestSource) -> Iterator[Candidate | Rejection]:
             yield Rejection(str(shard), "unreadable_shard", str(error))
             continue
         samples: dict[str, dict[str, tuple[str, bytes]]] = {}
+        broken: dict[str, str] = {}
         try:
-            for member in handle:
-                if not member.isfile():
-                    continue
-                key, extension = _sample_key(member.name)
-                samples.setdefault(key, {})[extension] = (member.name, handle.extractfile(member).read())
+            members, stopped = scan_tar(handle)
+            for name, member in members.items():
+                key, extension = _sample_key(name)
+                try:
+                    samples.setdefault(key, {})[extension] = (name, read_member(handle, member, str(shard)))
+                except TarReadError as error:
+                    broken[key] = str(error)
             # tarfile stops quietly at a truncated header after the first member; anything
             # but end-of-archive zeros after the last member read means the shard was cut.
-            if _has_trailing_data(shard, handle.offset):
+            if stopped is not None:
+                yield Rejection(str(shard), "unreadable_shard", f"shard ends early ({stopped}); "
+                                                                "the samples from there on are lost")
+            elif _has_trailing_data(shard, handle.offset):
                 yield Rejection(str(shard), "unreadable_shard",
                                 f"shard is cut at byte {handle.offset}; the samples after it are lost")
-        except (OSError, tarfile.TarError, EOFError) as error:
-            yield Rejection(str(shard), "unreadable_shard", f"shard ends early ({error}); its later samples are lost")
         finally:
             handle.close()
         for key, files in samples.items():
             where = f"{shard}#{key}"
+            if key in broken:
+                yield Rejection(where, "unreadable_shard", broken[key])
+                continue
             image = _image_of(files)
             if image is None:
                 yield Rejection(where, "missing_image", f"sample has {sorted(files)} but no jpg/png/webp")
@@ -249,22 +279,31 @@ def index_webdataset(path: str | os.PathLike[str]) -> tuple[list[ImagePair], int
 
     Training can read shards directly this way: image bytes are not read (tarfile
     skips over them), so indexing is fast; images are opened later by reference.
-    Returns the pairs and how many samples were skipped (no image or no caption).
-    Ids hash the member's location and caption, not the image bytes, so they differ
-    from ``synth ingest``'s.
+    Returns the pairs and how many samples were skipped (no image or no caption, or
+    cut off by the end of a damaged shard). Ids hash the member's location and
+    caption, not the image bytes, so they differ from ``synth ingest``'s.
     """
     pairs, skipped = [], 0
     for shard in _shards(Path(path)):
         samples: dict[str, dict[str, str]] = {}
         captions: dict[str, str] = {}
-        with tarfile.open(shard) as handle:
-            for member in handle:
-                if not member.isfile():
-                    continue
-                key, extension = _sample_key(member.name)
-                samples.setdefault(key, {})[extension] = member.name
+        try:
+            handle = tarfile.open(shard)
+        except (OSError, tarfile.TarError):
+            skipped += 1
+            continue
+        with handle:
+            members, stopped = scan_tar(handle)
+            if stopped is not None:
+                skipped += 1  # the sample cut by the damage; any after it cannot even be counted
+            for name, member in members.items():
+                key, extension = _sample_key(name)
+                samples.setdefault(key, {})[extension] = name
                 if extension == "txt":
-                    captions[key] = handle.extractfile(member).read().decode("utf-8", errors="replace")
+                    try:
+                        captions[key] = read_member(handle, member, str(shard)).decode("utf-8", errors="replace")
+                    except TarReadError:
+                        continue
         for key, files in samples.items():
             image = _image_of(files)
             caption = " ".join(captions.get(key, "").split())
@@ -288,9 +327,8 @@ READERS = {"folder": read_folder, "table": read_table, "webdataset": read_webdat
 
 # --- the stage ----------------------------------------------------------------------------
 
-def _check(candidate: Candidate, verify_images: bool, max_caption_chars: int) -> ImagePair | Rejection:
-    from PIL import Image, UnidentifiedImageError
-
+def _check(candidate: Candidate, verify_images: bool, max_caption_chars: int,
+           max_image_pixels: int = DEFAULT_MAX_PIXELS) -> ImagePair | Rejection:
     caption = " ".join((candidate.caption or "").split())
     if candidate.caption is None:
         return Rejection(candidate.source, "missing_caption", "image has no caption")
@@ -305,16 +343,19 @@ def _check(candidate: Candidate, verify_images: bool, max_caption_chars: int) ->
         return Rejection(candidate.source, "missing_image", f"cannot read {candidate.image}: {error}")
     if verify_images:
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            reason = "not an image PIL can identify" if isinstance(error, UnidentifiedImageError) else str(error)
-            return Rejection(candidate.source, "unreadable_image", f"{candidate.image}: {reason}")
+            decode_image(data, max_image_pixels, candidate.image)
+        except ImageDecodeError as error:
+            return Rejection(candidate.source, error.reason, str(error))
     return ImagePair(pair_id(data, caption), candidate.image, caption, candidate.source)
 
 
-def ingest(sources: list[IngestSource], verify_images: bool = True, max_caption_chars: int = 1000) -> IngestResult:
-    """Read every source; keep the first of each duplicate pair (same image bytes and caption)."""
+def ingest(sources: list[IngestSource], verify_images: bool = True, max_caption_chars: int = 1000,
+           max_image_pixels: int = DEFAULT_MAX_PIXELS) -> IngestResult:
+    """Read every source; keep the first of each duplicate pair (same image bytes and caption).
+
+    With ``verify_images`` every kept image has been decoded in full under the pixel limit,
+    so later stages meet only images that decode (unless a file changes on disk in between).
+    """
     result = IngestResult()
     seen: dict[str, str] = {}
     with tqdm(desc="ingest", unit="pair") as progress:
@@ -322,7 +363,7 @@ def ingest(sources: list[IngestSource], verify_images: bool = True, max_caption_
             for item in READERS[source.kind](source):
                 progress.update()
                 if isinstance(item, Candidate):
-                    item = _check(item, verify_images, max_caption_chars)
+                    item = _check(item, verify_images, max_caption_chars, max_image_pixels)
                 if isinstance(item, ImagePair) and item.id in seen:
                     item = Rejection(item.source, "duplicate", f"same image and caption as {seen[item.id]}")
                 if isinstance(item, Rejection):

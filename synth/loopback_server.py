@@ -1,8 +1,10 @@
 """A loopback HTTP server that speaks OpenAI's chat-completions protocol: for tests and benchmarks.
 
 It listens on 127.0.0.1 only, answers each request according to a ``plan``
-(ok, 429, 500, 400, slow, timeout, garbage, empty) and records what it
-received. The default answer is a well-formed TextBind dialogue built from
+(ok, 429, 500, 400, 401, 403, 404, slow, timeout, garbage, empty) and records
+what it received. The 401/403/404 answers echo the request's Authorization
+header in their error message, as a misconfigured proxy does, so tests can
+check that no key is ever written. The default answer is a well-formed TextBind dialogue built from
 the image list in the prompt, so successful generations pass the filter.
 Useful for developing against ``synth generate`` without an API key::
 
@@ -90,6 +92,9 @@ class ChatServer:
                     return self._json(500, {"error": {"message": "boom", "type": "server_error"}})
                 if mode == "400":
                     return self._json(400, {"error": {"message": "bad request", "type": "invalid_request"}})
+                if mode in ("401", "403", "404"):
+                    echoed = self.headers.get("authorization", "")
+                    return self._json(int(mode), {"error": {"message": f"denied for {echoed}", "type": "auth"}})
                 if mode == "garbage":
                     return self._raw(200, b"{this is not json", "application/json")
                 if mode == "empty":

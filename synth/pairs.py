@@ -9,7 +9,6 @@ machine, whatever the order or the source the pair was read from.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -18,6 +17,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from synth.images import DEFAULT_MAX_PIXELS, decode_image
 
 TAR_SEPARATOR = ".tar#"
 
@@ -39,48 +40,89 @@ def pair_id(image_bytes: bytes, caption: str) -> str:
     return digest.hexdigest()[:16]
 
 
+class TarReadError(OSError):
+    """A member of a tar shard that cannot be read whole (the shard is cut or damaged)."""
+
+
+def scan_tar(handle: tarfile.TarFile) -> tuple[dict[str, tarfile.TarInfo], str | None]:
+    """The members of an open shard that read whole, and why the scan stopped early (None if it did not).
+
+    ``tarfile`` stops quietly at a cut header, and raises ``ReadError`` when it
+    steps past the end of the file after a member; that last member is kept only
+    if its data reads whole (the cut may fall in its block padding). Never calls
+    ``getmembers()``, which raises on a cut shard and so loses every member.
+    """
+    members: dict[str, tarfile.TarInfo] = {}
+    last = None
+    try:
+        for member in handle:
+            if member.isfile():
+                members[member.name] = last = member
+    except (tarfile.TarError, OSError, EOFError) as error:
+        if last is not None:
+            try:
+                read_member(handle, last, "")
+            except TarReadError:
+                del members[last.name]
+        return members, f"{error} after member {last.name!r}" if last else str(error)
+    return members, None
+
+
+def read_member(handle: tarfile.TarFile, member: tarfile.TarInfo, shard: str) -> bytes:
+    try:
+        extracted = handle.extractfile(member)
+        if extracted is None:
+            raise TarReadError(f"{member.name} in {shard} is not a regular file")
+        return extracted.read()
+    except (tarfile.TarError, EOFError) as error:
+        raise TarReadError(f"{member.name} in {shard} cannot be read whole ({error}); the shard is cut or damaged"
+                           ) from None
+
+
 class _TarCache(threading.local):
-    """One open TarFile per shard per thread and process: random access by member name without
-    rescanning. Handles are never shared across a fork (DataLoader workers): a forked child
-    would share the parent's file offsets."""
+    """One open TarFile and its member index per shard per thread and process: random access by
+    member name without rescanning. Handles are never shared across a fork (DataLoader workers):
+    a forked child would share the parent's file offsets."""
 
     limit = 64  # open shards per thread; the least recently used is closed beyond this
 
     def __init__(self) -> None:
-        self.handles: OrderedDict[str, tarfile.TarFile] = OrderedDict()
+        self.handles: OrderedDict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = OrderedDict()
         self.pid = os.getpid()
 
     def read(self, shard: str, member: str) -> bytes:
         if self.pid != os.getpid():
             self.handles, self.pid = OrderedDict(), os.getpid()
-        handle = self.handles.pop(shard, None)
-        if handle is None:
-            handle = tarfile.open(shard)
+        entry = self.handles.pop(shard, None)
+        if entry is None:
+            try:
+                handle = tarfile.open(shard)
+            except tarfile.TarError as error:
+                raise TarReadError(f"{shard} is not a readable tar shard ({error})") from None
+            entry = (handle, scan_tar(handle)[0])
             while len(self.handles) >= self.limit:
-                self.handles.popitem(last=False)[1].close()
-        self.handles[shard] = handle
-        extracted = handle.extractfile(member)
-        if extracted is None:
-            raise FileNotFoundError(f"{member} in {shard} is not a regular file")
-        return extracted.read()
+                self.handles.popitem(last=False)[1][0].close()
+        self.handles[shard] = entry
+        handle, members = entry
+        if member not in members:
+            raise FileNotFoundError(f"{member} is not a whole member of {shard} (missing, or past a cut)")
+        return read_member(handle, members[member], shard)
 
 
 _tars = _TarCache()
 
 
 def read_image_bytes(ref: str) -> bytes:
+    """The bytes of a referenced image; any failure is an ``OSError`` naming the reference."""
     if TAR_SEPARATOR in ref:
         shard, member = ref.split("#", 1)
         return _tars.read(shard, member)
     return Path(ref).read_bytes()
 
 
-def open_image(ref: str):
-    """The referenced image as an RGB ``PIL.Image``."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(read_image_bytes(ref))) as image:
-        return image.convert("RGB")
+def open_image(ref: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The referenced image as a fully decoded RGB ``PIL.Image`` (:func:`synth.images.decode_image`)."""
+    return decode_image(read_image_bytes(ref), max_pixels, ref)
 
 
 def read_pairs(path: str | os.PathLike[str]) -> Iterator[ImagePair]:

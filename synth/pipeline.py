@@ -40,8 +40,9 @@ _INPUTS = {stage: list(_SECTIONS[:min(index, len(_SECTIONS) - 1) + 1]) for index
 #: Settings that change how fast or how patiently a stage runs, never what it writes.
 _SPEED_ONLY = {"score": {"batch_size", "num_workers"},
                "generate": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_attempts",
-                            "backoff_seconds", "max_backoff_seconds", "timeout", "api_key_env",
-                            "price_per_million_prompt_tokens", "price_per_million_completion_tokens"}}
+                            "backoff_seconds", "max_backoff_seconds", "timeout", "api_key_env", "prices",
+                            "tokenizer", "expected_completion_tokens", "max_cost", "max_tokens_total",
+                            "max_consecutive_failures"}}
 
 
 def fingerprint(config: SynthConfig, stage: str) -> dict[str, Any]:
@@ -63,6 +64,14 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 class StageMismatch(RuntimeError):
     pass
+
+
+class EmptyStageError(RuntimeError):
+    """A stage that had input produced nothing from it: what it wrote says why (rejections, failures)."""
+
+
+class StageIncomplete(RuntimeError):
+    """A stage stopped cleanly before finishing (a budget was reached); rerunning it continues."""
 
 
 def stage_dir(config: SynthConfig, stage: str) -> Path:
@@ -103,15 +112,21 @@ def _require(config: SynthConfig, stage: str) -> None:
 
 # --- the stages -----------------------------------------------------------------------
 
-def run_ingest(config: SynthConfig) -> dict[str, Any]:
+def run_ingest(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     from synth.ingest import ingest, write_ingest
 
-    result = ingest(config.ingest.sources, config.ingest.verify_images, config.ingest.max_caption_chars)
+    section = config.ingest
+    result = ingest(section.sources, section.verify_images, section.max_caption_chars, section.max_image_pixels)
     write_ingest(result, stage_dir(config, "ingest"))
-    return result.summary()
+    summary = result.summary()
+    if not result.pairs:
+        reasons = ", ".join(f"{k}: {v}" for k, v in summary["reasons"].items()) or "the sources held nothing"
+        raise EmptyStageError(f"ingest kept no pair ({reasons}); see {stage_dir(config, 'ingest') / 'rejected.jsonl'}")
+    return summary
 
 
-def run_score(config: SynthConfig, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run_score(config: SynthConfig, log: Callable[[str], None] = print,
+              on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     from synth.embed import Ranks, embed_pairs, load_shard
 
     _require(config, "score")
@@ -121,14 +136,22 @@ def run_score(config: SynthConfig, on_batch: Callable[[int], None] | None = None
                         section.num_workers, section.store_dtype, on_batch=on_batch)
     if Ranks.from_environment().rank != 0:
         return {}
-    scores = np.concatenate([load_shard(path)["scores"] for path in paths]) if paths else np.zeros(0)
-    return {"pairs": int(len(scores)), "shards": len(paths), "kept": int((scores >= section.min_score).sum()),
-            "min_score": section.min_score,
-            "score_quantiles": {q: round(float(np.quantile(scores, q)), 2) for q in (0.1, 0.5, 0.9)}
-            if len(scores) else {}}
+    shards = [load_shard(path) for path in paths]
+    scores = np.concatenate([shard["scores"] for shard in shards]) if shards else np.zeros(0)
+    unreadable = [str(i) for shard in shards if "unreadable" in shard for i in shard["ids"][shard["unreadable"]]]
+    finite = scores[np.isfinite(scores)]
+    summary = {"pairs": int(len(scores)), "shards": len(paths), "kept": int((scores >= section.min_score).sum()),
+               "min_score": section.min_score, "unreadable": len(unreadable), "unreadable_ids": unreadable[:20],
+               "score_quantiles": {q: round(float(np.quantile(finite, q)), 2) for q in (0.1, 0.5, 0.9)}
+               if len(finite) else {}}
+    if pairs and not summary["kept"]:
+        raise EmptyStageError(
+            f"score: none of {len(pairs)} pairs scored >= min_score={section.min_score} ({len(unreadable)} did not "
+            f"decode); lower score.min_score (random CLIP weights score near 0) or check the pairs")
+    return summary
 
 
-def run_cluster(config: SynthConfig) -> dict[str, Any]:
+def run_cluster(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     from synth.cluster import kmeans
     from synth.embed import load_embeddings
 
@@ -151,7 +174,7 @@ def run_cluster(config: SynthConfig) -> dict[str, Any]:
     return summary
 
 
-def run_sample(config: SynthConfig) -> dict[str, Any]:
+def run_sample(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     from synth.sampling import sample_groups
 
     _require(config, "sample")
@@ -173,42 +196,68 @@ def run_sample(config: SynthConfig) -> dict[str, Any]:
     return summary
 
 
-def run_generate(config: SynthConfig) -> dict[str, Any]:
+def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     import asyncio
 
     from synth.backends import build_backend
-    from synth.generate import Prices, RetryPolicy, generate_groups, read_done, read_groups
+    from synth.costs import TokenCounter, estimate, price_for, price_table
+    from synth.generate import Budget, RetryPolicy, generate_groups, group_prompt, pending_groups, read_done, \
+        read_groups
     from synth.prompt import SEED_SET_FILE, read_seed_set
 
     _require(config, "generate")
     section = config.generate
     groups = read_groups(stage_dir(config, "sample") / "groups.jsonl")
-    settings = {} if section.backend == "offline" else dict(
+    out = stage_dir(config, "generate")
+    seeds = read_seed_set(section.seed_set or SEED_SET_FILE)
+    offline = section.backend == "offline"
+    model = "offline" if offline else section.model
+    price = None if offline else price_for(section.model, price_table(section.prices))
+    counter = TokenCounter.for_model(model, section.tokenizer)
+    todo = pending_groups(groups, out)
+    prompts = [group_prompt(group, seeds, section.num_examples, section.seed)[0] for group in todo]
+    expected = min(section.max_tokens, section.expected_completion_tokens)
+    forecast = estimate(prompts, counter, expected, section.max_tokens, price)
+    if not offline:
+        log(f"[generate] before the run: {forecast.describe(model)}")
+    budget = Budget(section.max_cost, section.max_tokens_total, price)
+    settings = {} if offline else dict(
         model=section.model, base_url=section.base_url, api_key_env=section.api_key_env,
         temperature=section.temperature, top_p=section.top_p, max_tokens=section.max_tokens, timeout=section.timeout)
     backend = build_backend(section.backend, **settings)
-    seeds = read_seed_set(section.seed_set or SEED_SET_FILE)
-    prices = Prices(0.0, 0.0) if section.backend == "offline" else Prices(
-        section.price_per_million_prompt_tokens, section.price_per_million_completion_tokens)
-    out = stage_dir(config, "generate")
     start = time.perf_counter()
     tally = asyncio.run(generate_groups(
         groups, backend, out, seeds, section.concurrency, section.requests_per_minute, section.tokens_per_minute,
-        RetryPolicy(section.max_attempts, section.backoff_seconds, section.max_backoff_seconds), prices,
-        section.num_examples, section.seed, expected_completion_tokens=min(section.max_tokens, 1024)))
+        RetryPolicy(section.max_attempts, section.backoff_seconds, section.max_backoff_seconds), price,
+        section.num_examples, section.seed, expected_completion_tokens=expected, budget=budget,
+        max_consecutive_failures=section.max_consecutive_failures, count_tokens=counter.count))
     generated = len(read_done(out / "generations.jsonl"))
+    this_run = {"generated": tally.generated, "failed": tally.failed, "attempts": tally.attempts,
+                "already_done": tally.already_done, "errors": tally.errors, "prompt_tokens": tally.prompt_tokens,
+                "completion_tokens": tally.completion_tokens, "seconds": round(time.perf_counter() - start, 2)}
+    if price is not None:
+        this_run["cost_usd"] = round(price.cost(tally.prompt_tokens, tally.completion_tokens), 4)
     summary = {"groups": len(groups), "generated": generated, "outstanding": len(groups) - generated,
-               "this_run": {"generated": tally.generated, "failed": tally.failed, "attempts": tally.attempts,
-                            "already_done": tally.already_done, "errors": tally.errors,
-                            "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
-                            "estimated_cost_usd": round(prices.cost(tally.prompt_tokens, tally.completion_tokens), 4),
-                            "seconds": round(time.perf_counter() - start, 2)},
-               "backend": section.backend, "model": section.model if section.backend != "offline" else "offline"}
+               "this_run": this_run, "backend": section.backend, "model": model,
+               "estimate": {"requests": forecast.requests, "prompt_tokens": forecast.prompt_tokens,
+                            "completion_tokens": forecast.completion_tokens, "method": forecast.method,
+                            **({"cost_usd": round(forecast.cost, 4)} if forecast.cost is not None else {})},
+               "price_per_million_tokens": None if price is None else {"prompt": price.prompt,
+                                                                        "completion": price.completion}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if tally.stopped == "budget":
+        raise StageIncomplete(
+            f"generate stopped: this run's budget is reached (max_cost={section.max_cost}, max_tokens_total="
+            f"{section.max_tokens_total}) after {tally.generated} group(s); {summary['outstanding']} remain. Rerun "
+            "`synth generate` (or `synth run`) to continue; every finished group is kept.")
+    if groups and not generated:
+        errors = ", ".join(f"{kind}: {count}" for kind, count in sorted(tally.errors.items())) or "none recorded"
+        raise EmptyStageError(f"generate: none of {len(groups)} groups was generated (errors: {errors}); see "
+                              f"{out / 'failures.jsonl'}")
     return summary
 
 
-def run_filter(config: SynthConfig) -> dict[str, Any]:
+def run_filter(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     from synth.filtering import filter_generations
 
     _require(config, "filter")
@@ -216,7 +265,7 @@ def run_filter(config: SynthConfig) -> dict[str, Any]:
                               config.filter.max_edit_distance)
 
 
-def run_stats(config: SynthConfig) -> dict[str, Any]:
+def run_stats(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     from synth.conversation_io import read_conversations
     from synth.plots import plot_counts, plot_image_positions
     from synth.stats import conversation_diversity, dataset_stats, describe, image_positions, quality_indicators
@@ -246,7 +295,7 @@ def run_stats(config: SynthConfig) -> dict[str, Any]:
     return {"conversations": len(conversations), "plots": sorted(p.name for p in out.glob("*.png"))}
 
 
-RUNNERS: dict[str, Callable[[SynthConfig], dict[str, Any]]] = {
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "ingest": run_ingest, "score": run_score, "cluster": run_cluster, "sample": run_sample,
     "generate": run_generate, "filter": run_filter, "stats": run_stats}
 
@@ -272,11 +321,26 @@ def run_stage(config: SynthConfig, stage: str, force: bool = False, log: Callabl
         (stage_dir(config, later) / "DONE.json").unlink(missing_ok=True)
     stage_dir(config, stage).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary = RUNNERS[stage](config)
+    summary = RUNNERS[stage](config, log=log)
     if ranks.rank == 0:
         _mark_done(config, stage, summary, time.perf_counter() - start)
         log(f"[{stage}] done in {time.perf_counter() - start:.1f} s: {json.dumps(summary)}")
     return True
+
+
+def produced_nothing(config: SynthConfig) -> list[str]:
+    """Finished stages that made nothing from their input (the filter kept no conversation): each a
+    message for the user. Such a stage is still finished, so that stats can report why, but the
+    command that ran it exits non-zero."""
+    marker = stage_dir(config, "filter") / "DONE.json"
+    if not marker.exists():
+        return []
+    summary = json.loads(marker.read_text())["summary"]
+    if summary.get("generations") and not summary.get("kept"):
+        reasons = ", ".join(f"{k}: {v}" for k, v in summary.get("reasons", {}).items())
+        return [f"filter kept none of {summary['generations']} generations ({reasons}); see "
+                f"{stage_dir(config, 'filter') / 'rejected.jsonl'}"]
+    return []
 
 
 def run_all(config: SynthConfig, force: bool = False, until: str = STAGES[-1],

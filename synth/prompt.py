@@ -107,8 +107,9 @@ def read_seed_set(path: str | os.PathLike[str] = SEED_SET_FILE) -> list[SeedExam
             if line.strip():
                 try:
                     seeds.append(SeedExample(**json.loads(line)))
-                except (json.JSONDecodeError, TypeError, ValueError) as error:
-                    raise ValueError(f"{path}:{number}: not a seed example: {error}") from None
+                except (json.JSONDecodeError, TypeError, ValueError, RecursionError) as error:
+                    raise ValueError(f"{path}:{number}: not a seed example: {error or type(error).__name__}"
+                                     ) from None
     return seeds
 
 

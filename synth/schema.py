@@ -28,6 +28,27 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 IMAGE_PLACEHOLDER = "<image>"
+#: Inserted after "<" to disarm a control token spelled in text: it looks the same, tokenizes as plain text.
+_DISARM = "\u200b"
+
+
+def escape_placeholders(text: str) -> str:
+    """Text in which a literal ``<image>`` no longer counts as an image placeholder.
+
+    Model-written text can spell ``<image>`` from sub-word pieces; left alone it would
+    be taken for an image in the next turn and break the conversation for good.
+    """
+    return text.replace(IMAGE_PLACEHOLDER, "<" + _DISARM + IMAGE_PLACEHOLDER[1:])
+
+
+def escape_control_tokens(text: str, tokens) -> str:
+    """Text in which none of ``tokens`` (a tokenizer's special tokens: ``</s>``, ``<start>``...) is
+    spelled whole, so what a user types cannot act as a control token. ``<image>`` is left
+    alone: it is how a user places an attached image."""
+    for token in sorted(set(tokens) - {IMAGE_PLACEHOLDER}, key=len, reverse=True):
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + _DISARM + token[1:])
+    return text
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -87,15 +108,36 @@ class Conversation:
     meta: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def image_path(self, name: str, root: str | os.PathLike[str]) -> Path:
-        """Filesystem path of image ``name`` of this conversation.
+    def image_base(self, root: str | os.PathLike[str]) -> Path:
+        """The folder this conversation's images live in: ``image_dir`` under ``root``.
 
-        ``root`` is where a relative ``image_dir`` is resolved (usually the
-        data file's directory, or a dataset root the caller names).
+        ``root`` is where a relative ``image_dir`` resolves (the data file's directory, or a
+        dataset root the caller names); ``image_dir`` may not lead outside it, whether by
+        ``..`` or by being absolute (an absolute ``image_dir`` inside ``root`` is fine).
+        """
+        root_abs = os.path.abspath(root)
+        base = os.path.normpath(os.path.join(root_abs, self.image_dir or ""))
+        if base != root_abs and not base.startswith(root_abs.rstrip(os.sep) + os.sep):
+            raise SchemaError(
+                "path_escape",
+                f"image_dir {self.image_dir!r} leads outside the image root {root_abs} (to {base}); set the "
+                "source's image_root to a folder that contains it, or fix image_dir")
+        return Path(base)
+
+    def image_path(self, name: str, root: str | os.PathLike[str]) -> Path:
+        """Filesystem path of image ``name`` of this conversation, checked to stay inside its image folder.
+
+        A symbolic link inside the folder that points outside it is refused; the folder
+        itself may be a link (a dataset on another disk).
         """
         check_image_name(name)
-        base = Path(root) / (self.image_dir or "")
-        return base / PurePosixPath(name)
+        base = self.image_base(root)
+        path = base / PurePosixPath(name)
+        resolved, resolved_base = path.resolve(), base.resolve()
+        if resolved != resolved_base and resolved_base not in resolved.parents:
+            raise SchemaError("path_escape", f"image {name!r} is a symbolic link to {resolved}, outside the image "
+                                             f"folder {resolved_base}")
+        return path
 
     @property
     def images(self) -> list[str]:

@@ -152,6 +152,22 @@ def test_filter_writes_a_valid_self_contained_dataset_and_the_rejects(tmp_path: 
     assert all(r["output"] and r["detail"] for r in rejected)
 
 
+def test_a_damaged_generations_line_is_a_rejection_not_a_dead_stage(tmp_path: Path) -> None:
+    from PIL import Image
+
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"src{i}.png")
+        Image.new("RGB", (8, 8), (i, i, i)).save(images[-1])
+    source = tmp_path / "generations.jsonl"
+    source.write_text(json.dumps(generation("g1", GOOD, images)) + "\n" + '{"group_id": "g2", "pairs": [{"capt'
+                      + "\n" + "[" * 50_000 + "]" * 50_000 + "\n" + json.dumps({"group_id": "g4"}) + "\n")
+    summary = filter_generations(source, tmp_path / "out")
+    assert summary["kept"] == 1 and summary["reasons"] == {"unreadable_line": 3}
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [r["detail"].rsplit(":", 1)[1].split()[0] for r in rejected] == ["2", "3", "4"]
+
+
 def test_image_positions_and_indicators_on_a_hand_counted_fixture() -> None:
     data = [
         Conversation("a", [Turn("user", "<image> hi", ["1"]), Turn("assistant", "ok <image>", ["2"], ["c"]),

@@ -233,3 +233,113 @@ def test_generation_killed_midway_and_rerun_yields_every_group_exactly_once(tmp_
     assert len(ids) == len(set(ids)) == 30  # none lost, none duplicated
     summary = json.loads((tmp_path / "w" / "generate" / "summary.json").read_text())
     assert summary["this_run"]["already_done"] == len(first) and summary["outstanding"] == 0
+
+
+# --- failures that must stop a run, secrets that must not leak, and what a run costs ---------------
+
+KEY = "sk-proj-0123456789abcdefTEST"
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory) -> Path:
+    """A work dir whose stages up to sample are done (the bundled photos, tiny CLIP)."""
+    from synth.config import load_config
+    from synth.pipeline import run_all
+
+    work = tmp_path_factory.mktemp("sampled")
+    run_all(load_config(REPO / "configs" / "synth" / "sample.yaml", [f"work_dir={work}"]), until="sample",
+            log=lambda line: None)
+    return work
+
+
+def generate_cli(work: Path, tmp_path: Path, *overrides: str) -> int:
+    """``synth generate`` in-process on a copy of the sampled work dir; returns its exit status."""
+    import shutil
+
+    from synth.cli import run_stages
+
+    copy = tmp_path / "work"
+    if not copy.exists():
+        shutil.copytree(work, copy)
+    return run_stages("generate", REPO / "configs" / "synth" / "sample.yaml",
+                      [f"work_dir={copy}", "generate.backend=openai", "generate.api_key_env=TEXTBIND_TEST_KEY",
+                       "generate.max_attempts=2", "generate.backoff_seconds=0.01", *overrides], False, None)
+
+
+@pytest.mark.parametrize("status", ["401", "403", "404"])
+def test_a_refused_key_stops_the_run_at_once_and_is_never_written(status: str, sampled: Path, tmp_path: Path,
+                                                                  monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TEXTBIND_TEST_KEY", KEY)
+    with ChatServer(plan=lambda n, body: status) as server:
+        code = generate_cli(sampled, tmp_path, f"generate.base_url={server.url}", "generate.model=m",
+                            "generate.concurrency=2")
+    assert code == 1
+    assert len(server.requests) <= 2  # at most the requests already in flight: no group was tried again
+    captured = capsys.readouterr()
+    assert f"HTTP {status}" in captured.err and "stopped at once" in captured.err
+    assert server.headers[0]["authorization"] == f"Bearer {KEY}"  # the server did echo it back...
+    written = "".join(p.read_text(errors="replace") for p in (tmp_path / "work").rglob("*") if p.is_file())
+    assert "[REDACTED]" in written  # ...into the error that failures.jsonl keeps
+    for text in (written, captured.out, captured.err):
+        assert KEY not in text and "Bearer sk-" not in text
+
+
+def test_a_run_where_every_request_fails_exits_non_zero(sampled: Path, tmp_path: Path, capsys) -> None:
+    with ChatServer(plan=lambda n, body: "400") as server:
+        code = generate_cli(sampled, tmp_path, f"generate.base_url={server.url}", "generate.model=m")
+    assert code == 1 and "none of 12 groups was generated (errors: HTTP 400: 12)" in capsys.readouterr().err
+
+
+def test_an_endpoint_that_fails_every_group_stops_the_run(tmp_path: Path) -> None:
+    from synth.generate import GenerationAborted
+
+    with ChatServer(plan=lambda n, body: "500") as server:
+        backend = OpenAIChatBackend("m", server.url, api_key_env="NONE", timeout=2)
+        with pytest.raises(GenerationAborted, match="3 groups in a row failed"):
+            run(generate_groups(groups(40), backend, tmp_path, read_seed_set(), concurrency=1,
+                                retry=fast_retry(2), max_consecutive_failures=3))
+    assert len(server.requests) == 6  # 3 groups x 2 attempts, not 40 x 2
+
+
+def test_a_budget_stops_the_run_cleanly_and_a_rerun_continues(sampled: Path, tmp_path: Path, capsys) -> None:
+    from synth.cli import EXIT_INCOMPLETE
+
+    with ChatServer() as server:
+        overrides = (f"generate.base_url={server.url}", "generate.model=gpt-4", "generate.concurrency=1",
+                     "generate.expected_completion_tokens=100")
+        # each request reserves ~0.06 USD at GPT-4 prices (~1,800 prompt tokens): 0.20 allows three
+        assert generate_cli(sampled, tmp_path, *overrides, "generate.max_cost=0.20") == EXIT_INCOMPLETE
+        first = read_done(tmp_path / "work" / "generate" / "generations.jsonl")
+        err = capsys.readouterr().err
+        assert "budget is reached" in err and "Rerun" in err
+        assert 1 <= len(first) < 12
+        summary = json.loads((tmp_path / "work" / "generate" / "summary.json").read_text())
+        assert summary["this_run"]["cost_usd"] <= 0.20
+        assert generate_cli(sampled, tmp_path, *overrides) == 0  # no budget this time: it finishes
+    assert len(read_done(tmp_path / "work" / "generate" / "generations.jsonl")) == 12
+    assert len(server.requests) == 12  # nothing was sent twice
+
+
+def test_an_unknown_or_local_model_is_reported_in_tokens_not_dollars(sampled: Path, tmp_path: Path,
+                                                                     capsys) -> None:
+    with ChatServer() as server:
+        assert generate_cli(sampled, tmp_path, f"generate.base_url={server.url}",
+                            "generate.model=SmolLM2-135M-Instruct") == 0
+    out = capsys.readouterr().out
+    assert "no price is known for 'SmolLM2-135M-Instruct', so no dollar figure" in out
+    summary = json.loads((tmp_path / "work" / "generate" / "summary.json").read_text())
+    assert "cost_usd" not in summary["this_run"] and "cost_usd" not in summary["estimate"]
+    assert summary["this_run"]["prompt_tokens"] > 0 and summary["price_per_million_tokens"] is None
+
+
+def test_prices_come_from_a_table_the_config_extends() -> None:
+    from synth.costs import Price, price_for, price_table
+
+    table = price_table({"my-local-llama": {"prompt": 0.0, "completion": 0.0}, "gpt-4": {"prompt": 1,
+                                                                                       "completion": 2}})
+    assert price_for("gpt-4-0613", table) == Price(1.0, 2.0)  # the user's entry wins; dated names match
+    assert price_for("gpt-4o-2024-08-06", table) == Price(2.5, 10.0)  # gpt-4o, not gpt-4
+    assert price_for("my-local-llama", table) == Price(0.0, 0.0)
+    assert price_for("llama-3-70b", table) is None
+    with pytest.raises(ValueError, match="generate.prices.bad must be"):
+        price_table({"bad": {"prompt": 1}})

@@ -195,3 +195,99 @@ def test_tar_reads_keep_a_bounded_set_of_open_shards(tmp_path: Path, monkeypatch
     monkeypatch.setattr(cache, "pid", -1)  # as if in a forked worker: nothing inherited is reused
     cache.read(str(tmp_path / "0.tar"), "x.png")
     assert list(cache.handles) == [str(tmp_path / "0.tar")]
+
+
+# --- hostile and damaged images, and what later stages make of them --------------------------------
+
+def test_a_decompression_bomb_and_a_truncated_jpeg_are_rejected_pairs(tmp_path: Path) -> None:
+    from fixture_images import claimed_png, truncated_jpeg
+
+    (tmp_path / "bomb.png").write_bytes(claimed_png(30000, 30000))
+    (tmp_path / "big.png").write_bytes(claimed_png(5000, 5000))
+    (tmp_path / "cut.jpg").write_bytes(truncated_jpeg())
+    (tmp_path / "fine.png").write_bytes(png_bytes((5, 5, 5)))
+    for name in ("bomb", "big", "cut", "fine"):
+        (tmp_path / f"{name}.txt").write_text(f"a {name} picture")
+    result = ingest([IngestSource(kind="folder", path=str(tmp_path))], max_image_pixels=1_000_000)
+    assert [p.caption for p in result.pairs] == ["a fine picture"]
+    assert reasons(result) == {"too_many_pixels": 2, "unreadable_image": 1}
+    big = next(r for r in result.rejected if r.source == "big.png")
+    assert "5000 x 5000 = 25,000,000 pixels, over the limit of 1,000,000" in big.detail
+    assert "truncated" in next(r.detail for r in result.rejected if r.source == "cut.jpg")
+    write_ingest(result, tmp_path / "out")  # the stage writes its outputs; nothing died
+    assert len((tmp_path / "out" / "rejected.jsonl").read_text().splitlines()) == 3
+
+
+def test_the_score_stage_records_an_image_that_stopped_decoding_and_goes_on(tmp_path: Path) -> None:
+    from fixture_images import truncated_jpeg
+
+    from synth.embed import embed_pairs, load_embeddings, load_shard
+
+    (tmp_path / "a.png").write_bytes(png_bytes((1, 2, 3)))
+    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(4))
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b.txt").write_text("second")
+    pairs = ingest([IngestSource(kind="folder", path=str(tmp_path))]).pairs
+    assert len(pairs) == 2
+    (tmp_path / "b.jpg").write_bytes(truncated_jpeg())  # the file changed on disk after ingest
+    shards = embed_pairs(pairs, tmp_path / "score", {"preset": "tiny"}, batch_size=2, shard_size=8, num_workers=0)
+    shard = load_shard(shards[0])
+    assert shard["unreadable"].tolist() == [False, True]
+    ids, scores, _, total = load_embeddings(shards, min_score=-1000.0)
+    assert total == 2 and ids.tolist() == [pairs[0].id]  # the broken one can never be clustered
+
+
+def test_a_cut_shard_keeps_only_whole_samples_and_later_readers_do_not_crash(tmp_path: Path) -> None:
+    from datamodules import CaptionDataModule
+    from synth.embed import embed_pairs
+    from synth.ingest import index_webdataset
+
+    path = tmp_path / "cut.tar"
+    with tarfile.open(path, "w") as tar:
+        for index in range(4):
+            add(tar, f"{index:03d}.png", png_bytes((index, index, index)))
+            add(tar, f"{index:03d}.txt", f"sample {index}".encode())
+        add(tar, "004.png", png_bytes((9, 9, 9), size=64))
+        add(tar, "004.txt", b"sample 4")
+    with tarfile.open(path) as tar:
+        member = tar.getmember("004.png")
+        cut = member.offset_data + member.size // 2
+    path.write_bytes(path.read_bytes()[:cut])  # cut inside 004.png's data
+    result = ingest([IngestSource(kind="webdataset", path=str(path))])
+    assert [p.caption for p in result.pairs] == [f"sample {i}" for i in range(4)]
+    assert "unreadable_shard" in reasons(result)
+    # the score stage reads the kept samples back out of the cut shard (this raised tarfile.ReadError)
+    shards = embed_pairs(result.pairs, tmp_path / "score", {"preset": "tiny"}, batch_size=4, shard_size=8,
+                         num_workers=0)
+    assert len(shards) == 1
+    # and stage 1 reading the shard directly
+    indexed, skipped = index_webdataset(path)
+    assert sorted(p.caption for p in indexed) == [f"sample {i}" for i in range(4)] and skipped == 1
+    from mim import MIM
+    from heads import LanguageDescriptionHead
+
+    model = MIM(head=LanguageDescriptionHead(), llm={"preset": "tiny"}, blip2={"preset": "tiny"}, stage="alignment")
+    module = CaptionDataModule(train=[str(path)], batch_size=2, num_workers=0).bind(model.data_interface())
+    module.setup("fit")
+    batch = model.data_interface().collate([module.train_set[i] for i in range(4)])
+    assert batch["pixel_values"].shape[0] == 4
+
+
+def test_a_bad_byte_or_absurd_nesting_in_a_captions_file_costs_one_line(tmp_path: Path) -> None:
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / f"{name}.png").write_bytes(png_bytes((ord(name), 0, 0)))
+    lines = [json.dumps({"image": "a.png", "caption": "fine"}).encode(),
+             json.dumps({"image": "b.png", "caption": "caf_"}).encode().replace(b"_", b"\xe9"),
+             b"[" * 50_000 + b"]" * 50_000,
+             json.dumps({"image": "d.png", "caption": "also fine"}).encode()]
+    (tmp_path / "caps.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "caps.csv").write_bytes(b"image,caption\na.png,fine\nb.png,caf\xe9\nd.png,also fine\n")
+    for sidecar in ("caps.jsonl", "caps.csv"):
+        result = ingest([IngestSource(kind="folder", path=str(tmp_path), captions=sidecar)])
+        assert sorted(p.caption for p in result.pairs) == ["also fine", "fine"], sidecar
+        broken = [r for r in result.rejected if r.reason == "broken_line"]
+        assert any("not valid UTF-8" in r.detail for r in broken), sidecar
+    (tmp_path / "t.tsv").write_bytes(b"fine\ta.png\ncaf\xe9\tb.png\nalso fine\td.png\n")
+    result = ingest([IngestSource(kind="table", path=str(tmp_path / "t.tsv"), columns=["caption", "image"])])
+    assert [p.caption for p in result.pairs] == ["fine", "also fine"]
+    assert next(r for r in result.rejected if r.reason == "broken_line").source.endswith("t.tsv:2")

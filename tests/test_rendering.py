@@ -188,6 +188,29 @@ def test_broken_sample_names_the_record_or_is_skipped_and_counted(interface, tmp
     assert batch["record_ids"] == ["fine"] and batch["skipped"] == 1
 
 
+def test_records_whose_image_dir_escapes_the_root_are_rejected_at_setup(interface, tmp_path: Path) -> None:
+    turns = [{"role": "user", "content": "<image>", "image_list": ["passwd"]}, {"role": "assistant", "content": "Hi"}]
+    records = [{"id": "escape", "image_dir": "../../../etc", "conversation": turns},
+               {"id": "absolute", "image_dir": "/etc", "conversation": turns},
+               {"id": "fine", "conversation": [{"role": "user", "content": "Hello"},
+                                               {"role": "assistant", "content": "Hi"}]}]
+    source = ConversationSource(str(write(tmp_path / "d.jsonl", records)), image_root=str(tmp_path))
+    strict = ConversationDataModule(train=[source], num_workers=0).bind(interface)
+    with pytest.raises(ValueError, match=r"d.jsonl \(record 'escape'\): image_dir '../../../etc' leads outside"):
+        strict.setup("fit")
+    lenient = ConversationDataModule(train=[source], num_workers=0, on_error="skip").bind(interface)
+    lenient.setup("fit")
+    assert len(lenient.train_set) == 1 and "path_escape: 2" in lenient.read_reports[source.path]
+
+
+def test_a_source_with_no_usable_conversation_is_an_error(interface, tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    module = ConversationDataModule(train=[ConversationSource(str(tmp_path / "empty.jsonl"))],
+                                    num_workers=0).bind(interface)
+    with pytest.raises(ValueError, match="empty.jsonl gave no usable conversation .*held no record"):
+        module.setup("fit")
+
+
 def test_schema_errors_surface_at_setup_with_file_and_line(interface, tmp_path: Path) -> None:
     bad = write(tmp_path / "bad.jsonl", [{"id": "x", "conversation": [{"role": "assistant", "content": "Hi"}]}])
     module = ConversationDataModule(train=[ConversationSource(str(bad))], num_workers=0).bind(interface)

@@ -165,11 +165,47 @@ def test_broken_json_arrays_are_reported_not_crashed(text: str, message: str, tm
     assert any(message in str(e) for e in report.rejected), report.rejected
 
 
-def test_empty_array_and_empty_file_read_as_nothing(tmp_path: Path) -> None:
+def test_empty_array_and_empty_file_read_as_nothing_and_say_so(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text("[ ]")
     (tmp_path / "b.jsonl").write_text("\n\n")
-    conversations, report = read_conversations([tmp_path / "a.json", tmp_path / "b.jsonl"])
-    assert conversations == [] and report.rejected == []
+    (tmp_path / "c.jsonl").write_text(json.dumps(good_record()) + "\n")
+    conversations, report = read_conversations([tmp_path / "a.json", tmp_path / "b.jsonl", tmp_path / "c.jsonl"])
+    assert len(conversations) == 1 and report.rejected == []
+    assert report.empty == [str(tmp_path / "a.json"), str(tmp_path / "b.jsonl")]
+    assert report.summary().endswith(f"held no record: {tmp_path / 'a.json'}, {tmp_path / 'b.jsonl'}")
+
+
+def test_absurdly_nested_records_are_skipped_like_any_bad_record(tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    good, other = json.dumps(good_record("a")), json.dumps(good_record("b"))
+    (tmp_path / "x.jsonl").write_text(f"{good}\n{deep}\n{other}\n")
+    (tmp_path / "y.json").write_text(f"[{good},\n{deep},\n{other}]")
+    for name in ("x.jsonl", "y.json"):
+        conversations, report = read_conversations(tmp_path / name, on_error="skip")
+        assert [c.id for c in conversations] == ["a", "b"], name
+        assert len(report.rejected) == 1 and "recursion limit" in str(report.rejected[0])
+        assert str(report.rejected[0]).startswith(f"{tmp_path / name}:2:")
+
+
+def test_one_bad_utf8_byte_in_an_array_costs_only_its_record(tmp_path: Path) -> None:
+    bad = json.dumps(good_record("b")).encode().replace(b"museum", b"mus\xe9um")
+    data = b"[" + json.dumps(good_record("a")).encode() + b",\n" + bad + b",\n" + \
+        json.dumps(good_record("c")).encode() + b"]"
+    (tmp_path / "x.json").write_bytes(data)
+    conversations, report = read_conversations(tmp_path / "x.json", on_error="skip")
+    assert [c.id for c in conversations] == ["a", "c"]
+    assert len(report.rejected) == 1 and "not valid UTF-8" in str(report.rejected[0])
+    assert str(report.rejected[0]).startswith(f"{tmp_path / 'x.json'}:2:")
+
+
+def test_duplicate_ids_in_a_file_are_reported(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [good_record("same"), good_record("other"), good_record("same")])
+    conversations, report = read_conversations(path, on_error="skip")
+    assert [c.id for c in conversations] == ["same", "other"]
+    assert str(report.rejected[0]) == (f"{path}:3 (record 'same'): id 'same' was already used by the record at "
+                                       "line 1; ids must be unique within a file")
+    with pytest.raises(SchemaError, match="already used"):
+        read_conversations(path)
 
 
 def test_round_trip_read_write_read_is_lossless(tmp_path: Path) -> None:
@@ -277,6 +313,38 @@ def test_image_path_resolution_stays_under_image_dir(tmp_path: Path) -> None:
     assert conversation.image_path("sub/b.png", tmp_path) == tmp_path / "images" / "sub" / "b.png"
     with pytest.raises(SchemaError, match="climbs out"):
         conversation.image_path("../../etc/passwd", tmp_path)
+
+
+@pytest.mark.parametrize("image_dir", ["/etc", "../../../etc", "images/../../etc"])
+def test_an_image_dir_outside_the_root_is_refused(image_dir: str, tmp_path: Path) -> None:
+    conversation = from_textbind({**good_record(), "image_dir": image_dir}, "x")
+    with pytest.raises(SchemaError, match="leads outside the image root") as refused:
+        conversation.image_path("passwd", tmp_path)
+    assert refused.value.rule == "path_escape"
+
+
+def test_image_dirs_inside_the_root_resolve(tmp_path: Path) -> None:
+    inside = from_textbind({**good_record(), "image_dir": str(tmp_path / "imgs")}, "x")  # absolute, but inside
+    assert inside.image_path("a.png", tmp_path) == tmp_path / "imgs" / "a.png"
+    released = from_textbind({**good_record(), "image_dir": "./data/mim_images"}, "x")  # the released layout
+    assert released.image_path("a.png", tmp_path) == tmp_path / "data" / "mim_images" / "a.png"
+
+
+def test_a_symlink_leading_out_of_the_image_folder_is_refused(tmp_path: Path) -> None:
+    images = tmp_path / "root" / "images"
+    images.mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("private")
+    (images / "a.png").symlink_to(tmp_path / "secret.txt")
+    (images / "b.png").write_bytes(b"fine")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root" / "linked").symlink_to(tmp_path / "elsewhere")  # the folder itself may be a link
+    (tmp_path / "elsewhere" / "c.png").write_bytes(b"fine too")
+    conversation = from_textbind(good_record(), "x")
+    assert conversation.image_path("b.png", tmp_path / "root").read_bytes() == b"fine"
+    with pytest.raises(SchemaError, match="symbolic link to .*secret.txt, outside the image folder"):
+        conversation.image_path("a.png", tmp_path / "root")
+    linked = from_textbind({**good_record(), "image_dir": "linked"}, "x")
+    assert linked.image_path("c.png", tmp_path / "root").read_bytes() == b"fine too"
 
 
 def test_validate_works_on_records_built_in_code() -> None:
