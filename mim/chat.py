@@ -21,18 +21,21 @@ from typing import Any
 import torch
 
 from mim.generation import GenerationResult, GenerationSettings, ImagePart, InterleavedGenerator
+from synth.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image_file
 from synth.schema import IMAGE_PLACEHOLDER
 from synth.zoo import ModelSource, build_sdxl
 
 DEFAULT_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-def _load_image(image: Any):
-    from PIL import Image
-
+def _load_image(image: Any, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """A path (decoded under the pixel limit, fully, so a damaged file fails here) or a PIL image."""
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
+        return decode_image_file(image, max_pixels)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError("too_many_pixels", f"image is {width} x {height} pixels, over the limit of "
+                                                  f"{max_pixels:,}")
     return image.convert("RGB")
 
 
@@ -93,8 +96,9 @@ class MIMChat:
         images = [_load_image(image) for image in images or []]
         missing = len(images) - text.count(IMAGE_PLACEHOLDER)
         if missing < 0:
-            raise ValueError(f"{text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders but only "
-                             f"{len(images)} image(s)")
+            raise ValueError(f"the message has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                             f"but only {len(images)} image(s) attached; attach one image per {IMAGE_PLACEHOLDER} "
+                             "or remove the extra placeholders")
         text = f"{IMAGE_PLACEHOLDER} " * missing + text
         turn_seed = self.settings.seed + len(self.history)
         result = self.generator.generate(self.history + [{"role": "user", "content": text, "images": images}],

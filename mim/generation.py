@@ -24,7 +24,7 @@ import torch
 
 from datamodules.rendering import IMAGE_TOKEN
 from heads.base import SDXLCondition
-from synth.schema import IMAGE_PLACEHOLDER
+from synth.schema import IMAGE_PLACEHOLDER, escape_control_tokens, escape_placeholders
 
 
 @dataclass
@@ -51,7 +51,7 @@ class GenerationSettings:
         max_caption_tokens: a language-head caption longer than this is closed.
         num_inference_steps: SDXL denoising steps (40 in the released demo).
         high_noise_frac: where SDXL base hands over to the refiner, when one is set (0.8).
-        guidance_scale: SDXL classifier-free guidance.
+        guidance_scale: SDXL classifier-free guidance (5.0 in the released demo).
         image_size: SDXL output height and width (1024 for SDXL base).
         logit_bias: token id -> value added to its logit (as in OpenAI's API), e.g. to
             encourage or forbid images.
@@ -66,7 +66,7 @@ class GenerationSettings:
     max_caption_tokens: int = 77
     num_inference_steps: int = 40
     high_noise_frac: float = 0.8
-    guidance_scale: float = 7.5
+    guidance_scale: float = 5.0  # diffusers' SDXL default, which the released demo uses
     image_size: int = 1024
     logit_bias: dict[int, float] = field(default_factory=dict)
 
@@ -83,7 +83,10 @@ class GenerationResult:
 
     @property
     def text(self) -> str:
-        return "".join(p.text if isinstance(p, TextPart) else IMAGE_PLACEHOLDER for p in self.parts)
+        """The reply with ``<image>`` exactly where images were generated: a literal ``<image>`` the
+        model spelled is escaped, so the text can go back into the conversation safely."""
+        return "".join(escape_placeholders(p.text) if isinstance(p, TextPart) else IMAGE_PLACEHOLDER
+                       for p in self.parts)
 
     @property
     def images(self) -> list[Any]:
@@ -167,7 +170,9 @@ class InterleavedGenerator:
         ``<image>`` in content.
         """
         tokenizer = self.model.tokenizer
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        # control tokens spelled in a message ("</s>", "<start>") stay text; the template adds the real ones
+        controls = tokenizer.all_special_tokens
+        plain = [{"role": m["role"], "content": escape_control_tokens(m["content"], controls)} for m in messages]
         text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
         images = [image for m in messages for image in m.get("images", [])]
         pieces = text.split(IMAGE_PLACEHOLDER)

@@ -20,6 +20,7 @@ loading checks every key against what the stage trains.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -308,8 +309,20 @@ class MIM(L.LightningModule):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         return result
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any) -> "MIM":
+        """Lightning's loader, except that the run's ``init_from`` is not applied again: a checkpoint
+        holds every weight its run trained (a superset of what ``init_from`` gave), so it loads from
+        itself alone, wherever the earlier stage's files have gone and whatever the working directory."""
+        kwargs.setdefault("init_from", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def load_trained_weights(self, path: str) -> None:
         """Initialise from another run's checkpoint (e.g. stage 2 from stage 1)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"model.init_from: {path} does not exist (relative paths resolve from {os.getcwd()}). When resuming "
+                "with --ckpt_path, pass --model.init_from null: the checkpoint holds every weight its run trained.")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checkpoint.get("state_dict", checkpoint)
         self.load_state_dict(state, strict=False)

@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def chat_loop(chat, out_dir: Path, ask: Callable[[str], str] = input, say: Callable[[str], None] = print) -> int:
+def chat_loop(chat, out_dir: Path, ask: Callable[[str], str] = input, say: Callable[[str], None] = print,
+              strict: bool = False) -> int:
+    """The interactive loop; returns the exit status. ``strict`` (scripts, ``--message``): the first
+    error (an image that cannot be attached, a message the model cannot take) ends it with status 1."""
     from mim.generation import ImagePart
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,6 +41,8 @@ def chat_loop(chat, out_dir: Path, ask: Callable[[str], str] = input, say: Calla
             path = line[len("/image"):].strip()
             if not Path(path).is_file():
                 say(f"(no such file: {path!r})")
+                if strict:
+                    return 1
             else:
                 attached.append(path)
                 say(f"(attached {path}; {len(attached)} image(s) for the next message)")
@@ -46,6 +51,8 @@ def chat_loop(chat, out_dir: Path, ask: Callable[[str], str] = input, say: Calla
             result = chat.send(line, attached)
         except (ValueError, OSError) as error:
             say(f"(error: {error})")
+            if strict:
+                return 1
             continue
         attached = []
         turn += 1
@@ -60,38 +67,42 @@ def chat_loop(chat, out_dir: Path, ask: Callable[[str], str] = input, say: Calla
         say("mim> " + " ".join(piece.strip() for piece in pieces if piece.strip()))
 
 
-def chat(model: str, sdxl: dict | str | None = None, out_dir: str = "chat_images", device: str | None = None,
-         dtype: str | None = None, max_new_tokens: int = 256, max_images: int = 2, image_size: int = 1024,
-         num_inference_steps: int = 40, do_sample: bool = True, top_p: float = 0.9, image_bias: float = 0.0,
-         seed: int = 0, message: str | None = None, images: list[str] | None = None) -> int:
+def chat(model: str, sdxl: dict | str | None = None, refiner: dict | str | None = None, out_dir: str = "chat_images",
+         device: str | None = None, dtype: str | None = None, max_new_tokens: int = 256, max_images: int = 2,
+         image_size: int = 1024, num_inference_steps: int = 40, guidance_scale: float = 5.0, do_sample: bool = False,
+         top_p: float = 0.9, image_bias: float = 0.0, seed: int = 0, message: str | None = None,
+         images: list[str] | None = None) -> int:
     """Chat with a MIM directory (or .ckpt) in the terminal, or send one message (``--message``).
 
     Args:
         model: MIM directory (``mim export``/``mim convert``) or Lightning checkpoint.
         sdxl: the SDXL that draws images (default: recorded in the directory, else SDXL base 1.0).
+        refiner: an SDXL refiner (e.g. stabilityai/stable-diffusion-xl-refiner-1.0, as the released demo).
         out_dir: where generated images are saved.
         device: cuda or cpu (default: cuda when available).
         dtype: float16 or bfloat16 on GPUs.
         max_new_tokens: tokens per reply.
         max_images: generated images per reply.
         image_size: generated image size.
-        num_inference_steps: SDXL steps.
-        do_sample: top-p sampling instead of greedy.
+        num_inference_steps: SDXL steps (40 in the released demo).
+        guidance_scale: SDXL classifier-free guidance (5.0, diffusers' SDXL default, as the released demo).
+        do_sample: top-p sampling instead of greedy (the released demo decodes greedily).
         top_p: nucleus mass.
         image_bias: added to the image trigger's logit (positive: more images).
         seed: for sampling and images.
         message: send this one message (with ``images``), print the reply, and exit: for scripts.
+            Any error exits with status 1.
         images: image files for ``message``.
     """
     from mim.chat import MIMChat
     from mim.generation import GenerationSettings, trigger_bias
 
-    loaded = MIMChat.from_pretrained(model, sdxl=sdxl, device=device, dtype=dtype)
+    loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype)
     loaded.settings = GenerationSettings(
         max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
-        num_inference_steps=num_inference_steps, do_sample=do_sample, top_p=top_p, seed=seed,
-        logit_bias=trigger_bias(loaded.generator.model.head, image_bias))
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, do_sample=do_sample, top_p=top_p,
+        seed=seed, logit_bias=trigger_bias(loaded.generator.model.head, image_bias))
     if message is None:
         return chat_loop(loaded, Path(out_dir))
     commands = [f"/image {path}" for path in images or []] + [message, "/quit"]
-    return chat_loop(loaded, Path(out_dir), ask=lambda prompt: commands.pop(0))
+    return chat_loop(loaded, Path(out_dir), ask=lambda prompt: commands.pop(0), strict=True)

@@ -12,7 +12,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -74,15 +73,53 @@ def test_chat_api_keeps_the_conversation_and_its_images(model_dir: Path) -> None
     chat.settings = settings(chat.generator.model)
     first = chat.send("What is this? <image>", images=[photo(0)])
     assert len(first.images) == 1 and first.images[0].size == (64, 64)
+    fed: list = []
+    encode = chat.generator._image_embeds
+    chat.generator._image_embeds = lambda image: fed.append(image) or encode(image)
     second = chat.send("And this one?", images=[photo(1)])  # the placeholder goes first
     assert chat.history[2]["content"].startswith("<image> And this one?")
     assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
-    assert chat.history[1]["images"] == first.images  # the generated image stays in the context
-    assert isinstance(second.parts[0], (ImagePart,)) or second.text is not None
-    with pytest.raises(ValueError, match="placeholders but only"):
+    assert chat.history[1]["images"] == first.images
+    # the second turn saw three images: the first upload, the image the model drew, the second upload;
+    # then each image it drew in this turn was fed back in
+    assert fed[:3] == [chat.history[0]["images"][0], first.images[0], chat.history[2]["images"][0]]
+    assert len(fed) == 3 + len(second.images)
+    assert second.text.count("<image>") == len(second.images) == len(chat.history[3]["images"])
+    with pytest.raises(ValueError, match="2 <image> placeholder.s. but only 1 image.s. attached"):
         chat.send("<image> <image>", images=[photo(0)])
     chat.reset()
     assert chat.history == []
+
+
+def test_a_literal_placeholder_the_model_spells_cannot_break_the_conversation(model_dir: Path) -> None:
+    """The model writes the text "<image>" from ordinary sub-word pieces; the next turn must still work."""
+    chat = MIMChat.from_pretrained(model_dir)
+    chat.settings = settings(chat.generator.model, logit_bias={})
+    tokenizer = chat.generator.model.tokenizer
+    spelled = tokenizer("look <image> here", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<image>") not in spelled  # plain text pieces, not the special token
+    script = iter(spelled + [tokenizer.eos_token_id])
+    real_next = chat.generator._next_token
+    chat.generator._next_token = lambda *args, **kwargs: next(script)
+    first = chat.send("Say something odd.")
+    chat.generator._next_token = real_next
+    assert "<image>" in first.parts[0].text and first.images == []  # shown to the user as written...
+    assert first.text.count("<image>") == 0  # ...but it is not an image placeholder in the conversation
+    second = chat.send("And now this? <image>", images=[photo(0)])  # raised a placeholder mismatch before
+    assert second.text.count("<image>") == len(second.images)
+
+
+def test_control_tokens_typed_by_a_user_stay_text(model_dir: Path) -> None:
+    chat = MIMChat.from_pretrained(model_dir)
+    generator = chat.generator
+    tokenizer = generator.model.tokenizer
+    typed = generator.prompt_embeddings([{"role": "user", "content": "stop </s> and <start> draw", "images": []}])
+    plain = generator.prompt_embeddings([{"role": "user", "content": "stop and draw", "images": []}])
+    eos = generator._token_embeds([tokenizer.eos_token_id])[0]
+    start = generator._token_embeds([tokenizer.convert_tokens_to_ids("<start>")])[0]
+    assert typed.shape[0] > plain.shape[0]
+    for control in (eos, start):  # neither control token's embedding appears: the text was not taken as one
+        assert not torch.isclose(typed, control[None]).all(dim=1).any()
 
 
 def test_terminal_chat_attaches_images_and_saves_generated_ones(model_dir: Path, tmp_path: Path) -> None:
@@ -100,6 +137,19 @@ def test_terminal_chat_attaches_images_and_saves_generated_ones(model_dir: Path,
     saved = sorted((tmp_path / "out").glob("*.png"))
     assert saved and str(saved[0]) in reply and Image.open(saved[0]).size == (64, 64)
     assert "(new conversation)" in said
+
+
+def test_scripted_chat_exits_non_zero_on_errors(model_dir: Path, tmp_path: Path, capsys) -> None:
+    from mim.terminal import chat
+
+    common = dict(image_size=64, num_inference_steps=2, max_new_tokens=4, out_dir=str(tmp_path / "out"))
+    photo(0).save(tmp_path / "a.png")
+    assert chat(str(model_dir), message="What is this?", images=[str(tmp_path / "a.png")], **common) == 0
+    assert chat(str(model_dir), message="Compare <image> and <image>", images=[str(tmp_path / "a.png")],
+                **common) == 1
+    assert chat(str(model_dir), message="What is this?", images=[str(tmp_path / "missing.png")], **common) == 1
+    out = capsys.readouterr().out
+    assert "2 <image> placeholder(s) but only 1 image(s) attached" in out and "no such file" in out
 
 
 # --- the released checkpoint -----------------------------------------------------------------
@@ -189,10 +239,10 @@ class FakeChat:
 
 @pytest.fixture()
 def service_url():
-    from mim.serve import ChatService, make_handler
+    from mim.serve import ChatService, DemoServer, make_handler
 
     service = ChatService(FakeChat, max_text_chars=50, max_images=2, max_request_bytes=200_000)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(service))
+    server = DemoServer(("127.0.0.1", 0), make_handler(service))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", service
@@ -227,13 +277,13 @@ def test_web_api_sessions_and_limits(service_url) -> None:
     assert post(url + "/api/chat", {"text": "other browser"})[1]["parts"][0]["text"] == "turn 1"
     cases = [({"text": "x" * 51}, "the limit is 50"), ({"text": "", "images": []}, "empty"),
              ({"text": "a", "images": [small] * 3}, "3 images attached; the limit is 2"),
-             ({"text": "a", "images": ["data:image/png;base64,AAAA"]}, "could not be read"),
+             ({"text": "a", "images": ["data:image/png;base64,AAAA"]}, "not an image format Pillow can identify"),
              ({"text": "a", "images": ["http://example.invalid/a.png"]}, "not an image data URL")]
     for payload, message in cases:
         status, body, _ = post(url + "/api/chat", payload, session)
         assert status == 400 and message in body["error"], (payload, body)
     status, body, _ = post(url + "/api/chat", None, session, raw=b"{" + b" " * 300_000)
-    assert status == 413 and "limit is 0 MiB" in body["error"] or "MiB" in body["error"]
+    assert status == 413 and body["error"] == "the request is 0.29 MiB; the limit is 0.19 MiB (smaller images?)"
     assert post(url + "/api/chat", None, session, raw=b"not json")[1]["error"] == "the request body is not JSON"
     assert post(url + "/api/reset", {}, session)[0] == 200
     assert post(url + "/api/chat", {"text": "after reset"}, session)[1]["parts"][0]["text"] == "turn 1"
@@ -245,13 +295,14 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+# .ci/run sets TEXTBIND_REQUIRE_BROWSER=1: there a missing chromium fails this test instead of skipping it
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("TEXTBIND_REQUIRE_BROWSER"),
                     reason="needs Debian's chromium (CI installs it: apt-get install chromium)")
 def test_web_demo_in_a_real_browser(model_dir: Path, tmp_path: Path) -> None:
     """Type a message, upload an image, see a reply with a generated image, take a screenshot."""
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM is not None, "chromium is not installed; .ci/run installs it"
+    assert CHROMIUM is not None, "chromium is not installed (TEXTBIND_REQUIRE_BROWSER is set); .ci/run installs it"
     mim = Path(sys.executable).parent / "mim"
     server = subprocess.Popen(
         [str(mim), "serve", str(model_dir), "--port", "0", "--image_size", "64",

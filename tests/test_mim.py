@@ -159,7 +159,8 @@ def test_vision_encoder_gets_no_gradient_and_alignment_reaches_the_qformer() -> 
     assert model.query_tokens.grad is not None and model.projection.weight.grad.abs().sum() > 0
 
 
-def fit_tiny(tmp_path: Path, stage: str, init_from: str | None = None, steps: int = 3) -> Path:
+def fit_tiny(tmp_path: Path, stage: str, init_from: str | None = None, steps: int = 3) -> tuple[Path, MIM]:
+    """Train a tiny MIM for a few steps; its checkpoint and the trained module itself."""
     from datamodules import CaptionDataModule
     from synth.ingest import IngestSource, ingest, write_ingest
 
@@ -177,31 +178,51 @@ def fit_tiny(tmp_path: Path, stage: str, init_from: str | None = None, steps: in
     trainer.fit(model, data)
     path = tmp_path / f"{stage}.ckpt"
     trainer.save_checkpoint(path)
-    return path
+    return path, model
 
 
-def test_checkpoints_hold_what_trained_load_safely_and_reproduce_logits(tmp_path: Path) -> None:
-    stage1 = fit_tiny(tmp_path, "alignment")
+def test_checkpoints_hold_what_trained_load_safely_and_reproduce_logits(tmp_path: Path, monkeypatch) -> None:
+    stage1, _ = fit_tiny(tmp_path, "alignment")
     checkpoint = torch.load(stage1, weights_only=True)  # no arbitrary objects to unpickle
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"qformer", "query_tokens", "projection"}
 
-    stage2 = fit_tiny(tmp_path, "instruction", init_from=str(stage1))
+    stage2, trained = fit_tiny(tmp_path, "instruction", init_from=str(stage1))
     checkpoint = torch.load(stage2, weights_only=True)
     assert not any(k.startswith("vision_model") for k in checkpoint["state_dict"])
-    trained = tiny_mim(init_from=str(stage1))
+    # stage 2 started from stage 1: its Q-Former began at stage 1's weights
+    untrained = tiny_mim(init_from=str(stage1))
+    stage1_state = torch.load(stage1, weights_only=True)["state_dict"]
+    torch.testing.assert_close(untrained.query_tokens.detach(), stage1_state["query_tokens"])
+
+    # the checkpoint loads from itself alone: stage 1's file gone, another working directory
+    stage1.unlink()
+    monkeypatch.chdir(tmp_path.parent)
     loaded = MIM.load_from_checkpoint(stage2)
     assert loaded.stage == "instruction" and isinstance(loaded.head, LanguageDescriptionHead)
-    original = MIM.load_from_checkpoint(stage2)
     batch = sample_batch(loaded)
-    loaded.eval()
-    original.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch).logits, original(batch).logits, rtol=0, atol=0)
-        # and they differ from the untrained model: the checkpoint carried what trained
-        assert not torch.allclose(loaded(batch).logits, trained.eval()(batch).logits)
-    # stage 2 started from stage 1: its Q-Former began at stage 1's weights
-    stage1_state = torch.load(stage1, weights_only=True)["state_dict"]
-    torch.testing.assert_close(trained.query_tokens.detach(), stage1_state["query_tokens"])
+        # the loaded model is the trained module: the same logits, to the last bit
+        torch.testing.assert_close(loaded.eval()(batch).logits, trained.eval()(batch).logits, rtol=0, atol=0)
+        # and not the model stage 2 started from: training moved it
+        assert not torch.allclose(loaded(batch).logits, untrained.eval()(batch).logits)
+
+
+def test_export_of_a_stage2_checkpoint_needs_no_stage1_file(tmp_path: Path) -> None:
+    from mim.export import export_checkpoint, load_model
+
+    stage1, _ = fit_tiny(tmp_path, "alignment", steps=1)
+    stage2, trained = fit_tiny(tmp_path, "instruction", init_from=str(stage1), steps=1)
+    stage1.unlink()
+    export_checkpoint(str(stage2), str(tmp_path / "export"))
+    exported = load_model(tmp_path / "export").eval()
+    batch = sample_batch(exported, batch_size=1)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(batch).logits, trained.eval()(batch).logits, rtol=0, atol=0)
+
+
+def test_a_missing_init_from_says_how_to_resume(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--model.init_from null"):
+        tiny_mim(init_from=str(tmp_path / "gone.ckpt"))
 
 
 def test_loading_refuses_unknown_or_missing_trained_weights(model: MIM) -> None:
