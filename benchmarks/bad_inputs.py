@@ -1,8 +1,11 @@
 """A corpus of broken inputs through ingest and the conversation reader: is each one rejected by name?
 
-Corrupt and truncated images, a tar shard cut short, a sample without a
-caption, an absurdly long caption, broken JSON lines and arrays, image
-placeholders that do not match, paths that escape ``image_dir``. For every
+Corrupt and truncated images (a truncated JPEG that ``Image.verify`` accepts),
+a decompression bomb (a PNG whose header claims 30000 x 30000 pixels), a tar
+shard cut short, a sample without a caption, an absurdly long caption, broken
+JSON lines and arrays, a record nested past the recursion limit, a bad UTF-8
+byte inside a JSON array, a duplicate id, image placeholders that do not
+match, paths and an ``image_dir`` that escape their root. For every
 rejection the script checks that the message names where the record is (file
 and line, or shard and member, or the record id) and prints it.
 
@@ -14,20 +17,38 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from synth.conversation_io import read_conversations
 from synth.ingest import IngestSource, ingest
+from synth.schema import SchemaError
 
 
 def png(color=(10, 20, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 4096, 9)) + chunk(b"IEND", b"")
+
+
+def truncated_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()[:buffer.tell() // 2]
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -43,8 +64,12 @@ def build(root: Path) -> tuple[list[IngestSource], list[Path]]:
     (images / "truncated.png").write_bytes(png()[:40])
     (images / "noise.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
     (images / "empty.png").write_bytes(b"")
+    (images / "bomb.png").write_bytes(bomb_png())
+    (images / "cut.jpg").write_bytes(truncated_jpeg())
     table = root / "pairs.tsv"
     table.write_text("a good photo\timages/good.png\n"
+                     "a decompression bomb\timages/bomb.png\n"
+                     "a truncated jpeg\timages/cut.jpg\n"
                      "a truncated png\timages/truncated.png\n"
                      "random bytes\timages/noise.jpg\n"
                      "an empty file\timages/empty.png\n"
@@ -61,7 +86,9 @@ def build(root: Path) -> tuple[list[IngestSource], list[Path]]:
         add(tar, "c.txt", b"no image")
         add(tar, "d.png", png((3, 3, 3)) * 30)
         add(tar, "d.txt", b"cut off")
-    shard.write_bytes(shard.read_bytes()[:3072 + 600])  # cut inside d.png
+    with tarfile.open(shard) as tar:
+        cut_member = tar.getmember("d.png")
+    shard.write_bytes(shard.read_bytes()[:cut_member.offset_data + cut_member.size // 2])  # cut inside d.png
     sources = [IngestSource(kind="table", path=str(table), columns=["caption", "image"]),
                IngestSource(kind="webdataset", path=str(shard))]
 
@@ -76,13 +103,19 @@ def build(root: Path) -> tuple[list[IngestSource], list[Path]]:
         {"id": "absolute", "conversation": [turn("user", "<image>", ["/etc/passwd"]), turn("assistant", "x")]},
         {"id": "order", "conversation": [turn("assistant", "x"), turn("user", "y")]},
         {"id": "no-role", "conversation": [{"content": "x"}, turn("assistant", "y")]},
+        good,  # a duplicate id
+        {"id": "image-dir", "image_dir": "../../../etc", "conversation": [turn("user", "<image>", ["passwd"]),
+                                                                          turn("assistant", "x")]},
     ]
     jsonl = root / "conversations.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"id": "cut", "conversation": [\n'
-                     + "\xff not utf8\n".encode("latin-1").decode("latin-1"))
+                     + "\xff not utf8\n".encode("latin-1").decode("latin-1") + "[" * 50_000 + "]" * 50_000 + "\n")
     array = root / "conversations.json"
     array.write_text(json.dumps([good, records[1]], indent=1)[:-20])  # a truncated JSON array
-    return sources, [jsonl, array]
+    encoded = root / "encoding.json"
+    bad_byte = json.dumps({**good, "id": "latin-1"}).encode().replace(b"hello", b"h\xe9llo")
+    encoded.write_bytes(b"[" + bad_byte + b",\n" + json.dumps({**good, "id": "after"}).encode() + b"]")
+    return sources, [jsonl, array, encoded]
 
 
 def main() -> None:
@@ -92,8 +125,13 @@ def main() -> None:
     rows = []
     result = ingest(sources)
     rows += [(r.reason, f"{r.source}: {r.detail}") for r in result.rejected]
-    _, report = read_conversations(files, on_error="skip")
+    conversations, report = read_conversations(files, on_error="skip")
     rows += [(e.rule, str(e)) for e in report.rejected]
+    for conversation in conversations:  # what a datamodule checks against its image root
+        try:
+            conversation.image_base(root)
+        except SchemaError as error:
+            rows.append((error.rule, f"record {conversation.id!r}: {error.detail}"))
     named = sum(bool(located.search(message)) for _, message in rows)
     for reason, message in rows:
         print(f"[{reason}] {message[:150]}")
