@@ -19,6 +19,7 @@ position ``i`` is predicted from position ``i - 1``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -93,6 +94,53 @@ class RenderedSample:
         return len(self.input_ids) + sum(len(ids) for _, ids, _ in self.branches)
 
 
+class TextEncoder:
+    """Token ids for rendered chat text, as the released TextBind code's tokenizer produced them.
+
+    The release (transformers 4.31, Llama-2's SentencePiece tokenizer in its legacy
+    mode) cut text at special tokens, dropped the whitespace next to the tokens it had
+    added (``<image>``, ``<start>``, ``<end>``; not next to ``<s>``/``</s>``), and
+    encoded every piece on its own, so each piece got SentencePiece's leading ``▁``:
+    ``<s>[INST]`` is ``<s> ▁[ INST ]`` and no ``▁`` stands alone before an image run.
+    Encoding text in one call with transformers 5 gives ``<s> [ INST ]`` and that
+    stray ``▁`` (Llama id 29871): tokens a converted released model never saw. So
+    here the text is cut at every special token and each piece encoded separately.
+    For byte-level BPE tokenizers (GPT-2, SmolLM2, Llama-3) this changes nothing but
+    the dropped whitespace next to an image or head token.
+    """
+
+    def __init__(self, tokenizer, stripping: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stripping = {IMAGE_TOKEN, *stripping}
+        specials = sorted({*tokenizer.all_special_tokens, *self.stripping}, key=len, reverse=True)
+        self.pattern = re.compile("(" + "|".join(re.escape(token) for token in specials) + ")")
+        self.ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+
+    def __call__(self, text: str, strip_left: bool = False, strip_right: bool = False) -> list[int]:
+        """Ids of ``text``; ``strip_left``/``strip_right``: an image run or head token is next to it."""
+        if strip_left:
+            text = text.lstrip()
+        if strip_right:
+            text = text.rstrip()
+        parts = self.pattern.split(text)  # text, special, text, special, ..., text
+        for index in range(1, len(parts), 2):
+            if parts[index] in self.stripping:
+                parts[index - 1], parts[index + 1] = parts[index - 1].rstrip(), parts[index + 1].lstrip()
+        ids: list[int] = []
+        for index, part in enumerate(parts):
+            if index % 2:
+                ids.append(self.ids[part])
+            elif part:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def pieces(self, text: str) -> list[list[int]]:
+        """Ids of the text between ``<image>`` placeholders: one more list than placeholders."""
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        return [self(piece, strip_left=index > 0, strip_right=index < len(pieces) - 1)
+                for index, piece in enumerate(pieces)]
+
+
 def _messages(turns: list[Turn]) -> list[dict[str, str]]:
     return [{"role": turn.role, "content": turn.content} for turn in turns]
 
@@ -147,13 +195,11 @@ def render_conversation(
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; add it first (mim adds it when it builds the LLM)")
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    encode = TextEncoder(tokenizer, tuple(getattr(renderer, "special_tokens", ())))
 
     sample = RenderedSample(conversation.id, [], [], [])
     for text, turn, trained in turn_segments(tokenizer, conversation):
-        pieces = text.split(IMAGE_PLACEHOLDER)
+        pieces = encode.pieces(text)
         images = turn.image_list if turn is not None else []
         captions = turn.caption_list if turn is not None and turn.caption_list else [None] * len(images)
         if len(pieces) - 1 != len(images):
@@ -161,8 +207,7 @@ def render_conversation(
                 f"record {conversation.id!r}: the chat template changed the number of {IMAGE_PLACEHOLDER} "
                 f"placeholders in a {turn.role if turn else 'template'} turn ({len(pieces) - 1} rendered, "
                 f"{len(images)} images)")
-        for position, piece in enumerate(pieces):
-            ids = encode(piece)
+        for position, ids in enumerate(pieces):
             sample.input_ids += ids
             sample.labels += ids if trained else [IGNORE_INDEX] * len(ids)
             if position == len(images):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from datamodules.rendering import IMAGE_TOKEN
+from datamodules.rendering import IMAGE_TOKEN, TextEncoder
 from heads.base import SDXLCondition
 from synth.schema import IMAGE_PLACEHOLDER, escape_control_tokens, escape_placeholders
 
@@ -144,6 +144,7 @@ class InterleavedGenerator:
 
     def __init__(self, model, sdxl=None, refiner=None) -> None:
         self.model = model.eval()
+        self.encode = TextEncoder(model.tokenizer, tuple(model.head.special_tokens))
         self.sdxl = sdxl
         self.refiner = refiner
         if sdxl is not None:
@@ -175,12 +176,11 @@ class InterleavedGenerator:
         plain = [{"role": m["role"], "content": escape_control_tokens(m["content"], controls)} for m in messages]
         text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
         images = [image for m in messages for image in m.get("images", [])]
-        pieces = text.split(IMAGE_PLACEHOLDER)
+        pieces = self.encode.pieces(text)  # exactly as training renders text around images
         if len(pieces) - 1 != len(images):
             raise ValueError(f"{len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images given")
         chunks = []
-        for index, piece in enumerate(pieces):
-            ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        for index, ids in enumerate(pieces):
             if ids:
                 chunks.append(self._token_embeds(ids))
             if index < len(images):
@@ -257,9 +257,8 @@ class InterleavedGenerator:
     def _start(self, messages: list[dict[str, Any]], assistant_prefix: str) -> _Context:
         context = _Context(self.model)
         embeds = self.prompt_embeddings(messages)
-        if assistant_prefix:
-            ids = self.model.tokenizer(assistant_prefix, add_special_tokens=False)["input_ids"]
-            embeds = torch.cat([embeds, self._token_embeds(ids)])
+        if assistant_prefix:  # the assistant's words up to an image: trailing space dropped, as in training
+            embeds = torch.cat([embeds, self._token_embeds(self.encode(assistant_prefix, strip_right=True))])
         context.feed(embeds)
         return context
 

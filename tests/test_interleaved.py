@@ -93,3 +93,22 @@ def test_greedy_first_token_matches_the_training_forward(generator: InterleavedG
         hidden = model.llm.get_decoder()(inputs_embeds=embeds[None]).last_hidden_state
         logits = model.head.adjust_logits(hidden, model.llm.get_output_embeddings()(hidden))[0, -1]
     torch.testing.assert_close(context.last_logits, logits.float())
+
+
+def test_the_inference_prompt_is_tokenized_as_training_renders_it(generator: InterleavedGenerator) -> None:
+    """Text around images at inference is encoded exactly as the training sequence has it."""
+    from datamodules import render_conversation
+    from synth.schema import Conversation, Turn
+
+    model = generator.model
+    content = messages()[0]["content"]
+    trained = render_conversation(Conversation("x", [Turn("user", content, ["a.png", "b.png"]),
+                                                     Turn("assistant", "Sure.")]),
+                                  model.tokenizer, model.head, model.num_query_tokens)
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               add_generation_prompt=True)
+    pieces = generator.encode.pieces(text)
+    image_run = [model.image_token_id] * model.num_query_tokens
+    inference = pieces[0] + image_run + pieces[1] + image_run + pieces[2]
+    assert trained.input_ids[:len(inference)] == inference
+    assert len(trained.input_ids) > len(inference)  # followed by the assistant's answer
