@@ -22,18 +22,18 @@ def _functions() -> dict:
     from mim.serve import serve
     from mim.terminal import chat
 
-    def export(ckpt: str, out: str, sdxl: dict | str | None = None) -> int:
+    def export(ckpt: str, out: str, sdxl: dict | str | None = None, refiner: dict | str | None = None) -> int:
         """Write a MIM directory (mim.json + trained.safetensors) from a Lightning checkpoint.
 
         Args:
             ckpt: the .ckpt file written by ``mim fit``.
             out: the directory to write.
-            sdxl: the SDXL that chat and serve should draw with (recorded, not loaded).
+            sdxl: the SDXL that chat and serve should draw with (recorded, not loaded): tiny, a hub id or path.
+            refiner: an SDXL refiner to record (stabilityai/stable-diffusion-xl-refiner-1.0 in the released demo).
         """
-        from mim.export import export_checkpoint
+        from mim.export import export_checkpoint, source_record
 
-        source = {"preset": sdxl} if sdxl == "tiny" else ({"pretrained": sdxl} if isinstance(sdxl, str) else sdxl)
-        export_checkpoint(ckpt, out, sdxl=source)
+        export_checkpoint(ckpt, out, sdxl=source_record(sdxl), refiner=source_record(refiner))
         print(f"exported {ckpt} -> {out}")
         return 0
 

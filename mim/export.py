@@ -22,6 +22,15 @@ CONFIG_FILE = "mim.json"
 WEIGHTS_FILE = "trained.safetensors"
 
 
+def source_record(value: Any) -> dict | None:
+    """A model source (``tiny``, a hub id or path, a mapping) as mim.json records it."""
+    from dataclasses import asdict
+
+    from synth.zoo import ModelSource
+
+    return None if value is None else asdict(ModelSource.parse(value))
+
+
 def save_directory(model, directory: str | os.PathLike[str], sdxl: dict | None = None,
                    refiner: dict | None = None, keys: set[str] | None = None) -> Path:
     """Write the model's hyperparameters and its trained weights (or the given ``keys``)."""

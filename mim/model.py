@@ -323,8 +323,13 @@ class MIM(L.LightningModule):
             raise FileNotFoundError(
                 f"model.init_from: {path} does not exist (relative paths resolve from {os.getcwd()}). When resuming "
                 "with --ckpt_path, pass --model.init_from null: the checkpoint holds every weight its run trained.")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        from mim.convert import is_released_layout, map_released, read_released
+
+        checkpoint = read_released(path) if str(path).endswith((".pt", ".bin", ".safetensors")) else \
+            torch.load(path, map_location="cpu", weights_only=True)
         state = checkpoint.get("state_dict", checkpoint)
+        if is_released_layout(state):  # the release's own files: its stage-1 output starts our stage 2
+            state = map_released(state, self)
         self.load_state_dict(state, strict=False)
         rank_zero_info(f"MIM: initialised {len(state)} tensors from {path} "
                        f"(stage '{checkpoint.get('mim_stage', 'unknown')}')")

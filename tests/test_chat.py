@@ -154,8 +154,10 @@ def test_scripted_chat_exits_non_zero_on_errors(model_dir: Path, tmp_path: Path,
 
 # --- the released checkpoint -----------------------------------------------------------------
 
-def released_state(model: MIM) -> tuple[dict, torch.nn.Module]:
-    """A tiny state dict with the released layout: Llama vocabulary + <image>, <start>, <end>."""
+def released_state(model: MIM, transformers_431: bool = True) -> tuple[dict, torch.nn.Module]:
+    """A tiny state dict laid out as the release saved it: DeepSpeed's zero_to_fp32 output filtered to
+    ``save_modules`` (query_tokens, qformer, qformer_projection, language_model), Llama's vocabulary +
+    <image>, <start>, <end>, and (transformers 4.31) a persistent rotary inv_freq buffer in every layer."""
     from transformers import Blip2QFormerModel, LlamaForCausalLM
 
     from synth.zoo.llm import tiny_llama_config
@@ -169,12 +171,17 @@ def released_state(model: MIM) -> tuple[dict, torch.nn.Module]:
     state |= {f"qformer.{k}": v for k, v in qformer.state_dict().items()}
     state |= {f"qformer_projection.{k}": v for k, v in projection.state_dict().items()}
     state |= {f"language_model.{k}": v for k, v in llm.state_dict().items()}
+    if transformers_431:
+        inv_freq = llm.model.rotary_emb.inv_freq
+        state |= {f"language_model.model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone()
+                  for i in range(llm.config.num_hidden_layers)}
     return state, llm
 
 
 def test_convert_released_checkpoint_matches_a_direct_load(tmp_path: Path) -> None:
     reference_model = tiny_model()
     state, llm = released_state(reference_model)
+    assert sum(k.endswith("rotary_emb.inv_freq") for k in state) == 2  # the 4.31 layout
     torch.save(state, tmp_path / "textbind.pt")
     mim = Path(sys.executable).parent / "mim"
     result = subprocess.run([str(mim), "convert", str(tmp_path / "textbind.pt"),
@@ -206,6 +213,30 @@ def test_convert_released_checkpoint_matches_a_direct_load(tmp_path: Path) -> No
         queries = qformer(query_embeds=state["query_tokens"], encoder_hidden_states=vision).last_hidden_state
         expected_images = queries @ state["qformer_projection.weight"].T + state["qformer_projection.bias"]
         torch.testing.assert_close(converted.eval().encode_images(pixels), expected_images)
+
+
+def test_a_released_stage1_file_starts_stage2_and_is_refused_by_convert(tmp_path: Path) -> None:
+    from mim.convert import convert_released
+
+    state, _ = released_state(tiny_model())
+    stage1 = {k: v for k, v in state.items() if not k.startswith("language_model.")}  # save_modules of stage 1
+    torch.save(stage1, tmp_path / "pytorch_model.pt")
+    model = MIM(head=LanguageDescriptionHead(), llm=TINY, blip2=TINY, init_from=str(tmp_path / "pytorch_model.pt"))
+    torch.testing.assert_close(model.query_tokens.detach(), stage1["query_tokens"])
+    torch.testing.assert_close(model.projection.weight.detach(), stage1["qformer_projection.weight"])
+    torch.testing.assert_close(model.qformer.state_dict()["layernorm.weight"], stage1["qformer.layernorm.weight"])
+    with pytest.raises(ValueError, match="stage-1 .alignment. output.*model.init_from for stage 2"):
+        convert_released(stage1, tiny_model())
+
+
+def test_released_rotary_buffers_must_match_the_base_llm() -> None:
+    from mim.convert import convert_released
+
+    state, _ = released_state(tiny_model())
+    key = "language_model.model.layers.0.self_attn.rotary_emb.inv_freq"
+    state[key] = state[key] * 2  # as if trained with another rope_theta
+    with pytest.raises(ValueError, match="differs from this LLM's rotary frequencies"):
+        convert_released(state, tiny_model())
 
 
 def test_convert_refuses_unknown_keys_and_incomplete_token_lists(tmp_path: Path) -> None:
