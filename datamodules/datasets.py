@@ -16,18 +16,34 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.collate import collate
+from datamodules.samplers import split_epoch
 from datamodules.rendering import OutputImageRenderer, RenderedSample, SampleError, render_conversation, truncate
 from synth.pairs import ImagePair, open_image
 from synth.schema import IMAGE_PLACEHOLDER, Conversation, Turn
 
-#: Instructions for the alignment stage (section 5.2): describe the image in one short caption.
+#: Instructions for the alignment stage (section 5.2), one drawn for every sample: the released
+#: code's 20 ``ImageCaptionTemplates`` (data_utils.py, SihengLi99/TextBind, Apache-2.0), word for word.
 CAPTION_TEMPLATES = (
-    "<image> Describe this image in a short caption.",
-    "Write a brief, accurate caption for this picture. <image>",
-    "<image> What does this image show? Answer in one sentence.",
-    "Give a concise description of the image. <image>",
-    "<image> Summarise the picture in a few words.",
-    "Caption this image briefly and precisely. <image>",
+    "<image> Provide a short and precise description of the image displayed.",
+    "Give a brief and accurate depiction of the picture shown. <image>",
+    "<image> Present a concise and clear summary of the image seen.",
+    "Offer a short and straightforward representation of the image provided. <image>",
+    "<image> Share a brief, yet informative account of the picture presented.",
+    "Deliver a concise and comprehensible explanation of the image shown. <image>",
+    "<image> Express a succinct and clear narrative of the picture displayed.",
+    "Convey a brief and unambiguous description of the image presented. <image>",
+    "<image> Present a short and coherent account of the picture shown.",
+    "Provide a compact and lucid representation of the image displayed. <image>",
+    "<image> Give a brief and distinct explanation of the picture provided.",
+    "Share a concise and easy-to-understand description of the image shown. <image>",
+    "<image> Offer a clear and to-the-point narrative of the picture presented.",
+    "Express a brief and well-defined interpretation of the image provided. <image>",
+    "<image> Deliver a concise and intelligible account of the image displayed.",
+    "Convey a short and easily grasped summary of the picture shown. <image>",
+    "<image> Present a succinct and clear-cut representation of the image presented.",
+    "Provide a brief and sharp explanation of the picture provided. <image>",
+    "<image> Give a concise and articulate description of the image shown.",
+    "Share a short and comprehensible narrative of the picture displayed. <image>",
 )
 
 
@@ -134,7 +150,10 @@ class CaptionDataset(RenderedDataset):
         return len(self.pairs)
 
     def conversation(self, index: int) -> tuple[Conversation, str | None]:
-        pair = self.pairs[index]
-        template = random.Random(f"{self.seed}:{pair.id}").choice(self.templates)
+        """``index`` may carry an epoch (:class:`~datamodules.samplers.EpochSampler`): the template is
+        drawn anew for every epoch, as the release drew one per sample, and is the same on a rerun."""
+        item, epoch = split_epoch(index, len(self.pairs))
+        pair = self.pairs[item]
+        template = random.Random(f"{self.seed}:{pair.id}:{epoch}").choice(self.templates)
         turns = [Turn("user", template, [pair.image]), Turn("assistant", pair.caption)]
         return Conversation(id=pair.id, turns=turns), None  # references are used as they are

@@ -18,6 +18,7 @@ import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.datasets import CAPTION_TEMPLATES, CaptionDataset, ConversationDataset, ModelInterface
+from datamodules.samplers import EpochSampler
 from synth.conversation_io import read_conversations
 from synth.pairs import read_pairs
 from synth.schema import Location, SchemaError
@@ -28,11 +29,11 @@ class ConversationSource:
     """One conversation file in a training mixture.
 
     Args:
-        path: JSON or JSONL file, TextBind or LLaVA format.
+        path: JSON, JSONL (or parquet) file in the TextBind, LLaVA or a source format (synth.sources).
         weight: expected passes over this file per epoch (2.0 doubles it, 0.5 samples half).
         image_root: where its image paths resolve (default: the file's folder); a
             record's ``image_dir`` is taken relative to this.
-        format: auto, textbind or llava.
+        format: auto (TextBind or LLaVA), or a source's own: platypus, minigpt4, shikra, multiinstruct.
     """
 
     path: str
@@ -103,8 +104,12 @@ class _BindingDataModule(L.LightningDataModule):
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         raise NotImplementedError
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+    #: Whether the datasets read the epoch from their indices (CaptionDataset's per-epoch templates).
+    tag_epochs = False
+
+    def _loader(self, dataset: Dataset, shuffle: bool, draws: int | None = None) -> DataLoader:
+        sampler = EpochSampler(dataset, draws=draws, shuffle=shuffle, seed=self.seed, tag_epochs=self.tag_epochs)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=self.interface.collate, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -191,24 +196,32 @@ class CaptionDataModule(_BindingDataModule):
     """Stage 1 (alignment): image-caption pairs from ``synth ingest`` (``pairs.jsonl``) or
     webdataset tar shards read directly (``KEY.jpg``/``KEY.png`` + ``KEY.txt``)."""
 
+    tag_epochs = True
+
     def __init__(self, train: list[str], val: list[str] | None = None, templates: list[str] | None = None,
                  batch_size: int = 32, num_workers: int = 4, max_length: int = 768,
-                 on_error: Literal["raise", "skip"] = "raise", seed: int = 0):
+                 on_error: Literal["raise", "skip"] = "raise", seed: int = 0, samples_per_epoch: int | None = None):
         """
         Args:
             train: ``pairs.jsonl`` files written by ``synth ingest``, or ``.tar`` shards / folders of
                 them (indexed from their headers; samples without image or caption are skipped and counted).
             val: validation pair files or shards.
-            templates: instructions, each with one ``<image>``; the default set asks for a short caption.
+            templates: instructions, each with one ``<image>``; default: the released code's 20, one drawn
+                per sample and epoch.
             batch_size: per device; the global batch is this x devices x accumulate_grad_batches.
             num_workers: data-loading processes per device.
             max_length: tokens per sample.
             on_error: a broken image stops the run naming the pair, or is skipped and counted.
-            seed: picks each pair's template.
+            seed: picks each pair's template and the order (or the draws) of every epoch.
+            samples_per_epoch: draw this many pairs per epoch with replacement (over all ranks), as the
+                released stage 1 did (webdataset resampled, 10M per epoch); None: every pair once.
         """
         super().__init__(batch_size, num_workers, max_length, on_error)
         if not train:
             raise ValueError("CaptionDataModule needs at least one pairs.jsonl file")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
+        self.samples_per_epoch = samples_per_epoch
         self.train_files = train
         self.val_files = val or []
         self.templates = templates or list(CAPTION_TEMPLATES)
@@ -232,3 +245,6 @@ class CaptionDataModule(_BindingDataModule):
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         return self._read(self.train_files), (self._read(self.val_files) if self.val_files else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, draws=self.samples_per_epoch)

@@ -34,6 +34,8 @@ from heads import GenerationHead
 from synth.zoo import DEFAULT_BLIP2, DEFAULT_LLM, ModelSource, build_blip2, build_llm
 
 Stage = Literal["alignment", "instruction"]
+#: The parts that can have their own learning rate and weight decay.
+PARTS = ("llm", "qformer", "head")
 
 
 @dataclass
@@ -68,8 +70,14 @@ class MIM(L.LightningModule):
         stage: Stage = "instruction",
         lora: LoraSettings | None = None,
         learning_rate: float = 1e-5,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
         warmup_ratio: float = 0.03,
+        warmup_steps: int | None = None,
+        part_learning_rates: dict[str, float] | None = None,
+        part_weight_decays: dict[str, float] | None = None,
+        new_token_init: Literal["mean", "normal"] = "mean",
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
     ) -> None:
@@ -83,8 +91,19 @@ class MIM(L.LightningModule):
             stage: ``alignment`` (stage 1) or ``instruction`` (stage 2), section 5.2.
             lora: LoRA settings for the instruction stage; omit for full fine-tuning.
             learning_rate: peak learning rate (released recipe: 1e-4 alignment, 1e-5 instruction).
-            weight_decay: AdamW weight decay.
+            weight_decay: AdamW weight decay (0.001 in the released ds_config_*.json).
+            betas: AdamW betas ((0.9, 0.95) in the released ds_config_*.json).
+            eps: AdamW epsilon (1e-8 in the released ds_config_*.json).
             warmup_ratio: share of the optimisation steps spent warming up before the cosine decay.
+            warmup_steps: warm-up as a step count instead (released: 2000 in stage 1, 100 in stage 2).
+            part_learning_rates: peak learning rates by part, over ``learning_rate``: ``llm`` (the LLM
+                or its LoRA adapters), ``qformer`` (Q-Former, query tokens, projection), ``head``
+                (the generation head and its token rows). A randomly initialised head learns at 1e-4
+                or more while a pretrained LLM needs 1e-5 (GILL trains its mapper at 1e-3).
+            part_weight_decays: weight decay by part, over ``weight_decay``.
+            new_token_init: how the rows of tokens added to the LLM's vocabulary start: ``mean``
+                (the mean of the existing rows, transformers' default since 4.46) or ``normal``
+                (N(0, 0.02), what transformers 4.31 gave the released model).
             gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
             init_from: a checkpoint (e.g. stage 1's) whose trained weights initialise this model;
                 unlike ``ckpt_path`` it starts a new run (fresh optimizer and schedule).
@@ -99,13 +118,23 @@ class MIM(L.LightningModule):
             lora = LoraSettings(**lora)
         if lora is not None and stage != "instruction":
             raise ValueError("LoRA applies to the LLM, which trains only in the instruction stage")
+        for name, parts in (("part_learning_rates", part_learning_rates), ("part_weight_decays", part_weight_decays)):
+            unknown = sorted(set(parts or {}) - set(PARTS))
+            if unknown:
+                raise ValueError(f"{name}: unknown part(s) {unknown}; the parts are {list(PARTS)}")
+        if warmup_steps is not None and warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if new_token_init not in ("mean", "normal"):
+            raise ValueError(f"new_token_init must be 'mean' or 'normal', got {new_token_init!r}")
         llm_source = ModelSource.parse(llm if llm is not None else DEFAULT_LLM)
         blip2_source = ModelSource.parse(blip2 if blip2 is not None else DEFAULT_BLIP2)
         # Plain data only, so a checkpoint reads with torch.load(weights_only=True).
         self.save_hyperparameters({
             "head": head.hparams(), "llm": asdict(llm_source), "blip2": asdict(blip2_source), "stage": stage,
             "lora": asdict(lora) if lora else None, "learning_rate": learning_rate, "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio, "gradient_checkpointing": gradient_checkpointing, "init_from": init_from,
+            "betas": tuple(betas), "eps": eps, "warmup_ratio": warmup_ratio, "warmup_steps": warmup_steps,
+            "part_learning_rates": dict(part_learning_rates or {}), "part_weight_decays": dict(part_weight_decays or {}),
+            "new_token_init": new_token_init, "gradient_checkpointing": gradient_checkpointing, "init_from": init_from,
         })
         self.stage = stage
 
@@ -123,7 +152,7 @@ class MIM(L.LightningModule):
             {"additional_special_tokens": [t for t in (IMAGE_TOKEN, *head.special_tokens)
                                            if t not in self.tokenizer.get_vocab()]})
         if added or self.llm.get_input_embeddings().num_embeddings < len(self.tokenizer):
-            self.llm.resize_token_embeddings(len(self.tokenizer))
+            self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=new_token_init == "mean")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         hidden = self.llm.config.hidden_size
         self.projection = nn.Linear(vision.qformer_hidden_size, hidden)  # Q-Former space -> LLM embeddings
@@ -266,15 +295,32 @@ class MIM(L.LightningModule):
             self.log(f"val/{name}", value, prog_bar=name == "loss", batch_size=batch["input_ids"].shape[0],
                      sync_dist=True)
 
+    def part_of(self, name: str) -> str:
+        """Which part a parameter belongs to, for per-part learning rates: llm, qformer or head."""
+        if name.startswith("llm."):
+            return "llm"
+        if name.startswith("head."):
+            return "head"
+        return "qformer"  # qformer.*, query_tokens, projection.*
+
     def configure_optimizers(self):
         from transformers import get_cosine_schedule_with_warmup
 
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate,
-                                      weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        groups: dict[str, list] = {}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault(self.part_of(name), []).append(parameter)
+        # named groups: LearningRateMonitor logs each part's rate as lr-AdamW/<part>
+        param_groups = [{"name": part, "params": params,
+                         "lr": hp.part_learning_rates.get(part, hp.learning_rate),
+                         "weight_decay": hp.part_weight_decays.get(part, hp.weight_decay)}
+                        for part, params in groups.items()]
+        optimizer = torch.optim.AdamW(param_groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps,
+                                      weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
-        schedule = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total)
+        schedule = get_cosine_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # --- checkpoints: what trained, and strict checks on the way back ------------------------

@@ -44,8 +44,34 @@ def describe(paths: list[Path], format: str = "auto") -> int:
     return 0
 
 
+def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | None = None,
+                    max_errors: int = 20) -> int:
+    """Convert a source dataset in its published format (``synth.sources``) into TextBind-format JSONL.
+
+    Args:
+        paths: the source files (e.g. Open-Platypus JSON/parquet, MiniGPT-4's filter_cap.json).
+        out: the JSONL to write.
+        format: the source's format.
+        image_dir: recorded as every record's ``image_dir`` (relative to where training resolves images).
+        max_errors: how many rejections to print in full (all are counted).
+    """
+    from synth.conversation_io import read_conversations, write_conversations
+
+    conversations, report = read_conversations(paths, on_error="skip", format=format)
+    for conversation in conversations:
+        if image_dir is not None:
+            conversation.image_dir = image_dir
+    for error in report.rejected[:max_errors]:
+        print(f"[{error.rule}] {error}")
+    written = write_conversations(out, conversations)
+    print(f"{report.summary()}; {written} written to {out}")
+    return 0 if written else 1
+
+
 def build_parser():
     import argparse
+
+    from synth.conversation_io import FORMATS
 
     parser = argparse.ArgumentParser(prog="synth", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -53,7 +79,7 @@ def build_parser():
         summary, _, _ = (function.__doc__ or "").partition("\n")
         command = commands.add_parser(function.__name__, help=summary, description=summary)
         command.add_argument("paths", nargs="+", type=Path, help="JSON or JSONL conversation files")
-        command.add_argument("--format", choices=["auto", "textbind", "llava"], default="auto")
+        command.add_argument("--format", choices=FORMATS, default="auto")
         if function is validate:
             command.add_argument("--max-errors", type=int, default=20, help="rejections printed in full")
     from synth.pipeline import STAGES
@@ -74,6 +100,12 @@ def build_parser():
                              help="config overrides, e.g. cluster.k=64 work_dir=runs/x")
         if stage == "run":
             command.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
+    command = commands.add_parser("convert-dataset", help="a source dataset (Platypus, MiniGPT-4, Shikra, "
+                                  "MultiInstruct, LLaVA) in its own format -> TextBind-format JSONL")
+    command.add_argument("paths", nargs="+", type=Path, help="the source's files")
+    command.add_argument("--out", type=Path, required=True, help="the JSONL to write")
+    command.add_argument("--format", choices=[f for f in FORMATS if f != "auto"], required=True)
+    command.add_argument("--image-dir", default=None, help="image_dir to record in every conversation")
     command = commands.add_parser("annotate", help="label generated conversations; grow the seed set (section 3.3)")
     command.add_argument("--config", type=Path, required=True, help="run config YAML")
     command.add_argument("--limit", type=int, default=None, help="label at most this many now")
@@ -140,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(validate(args.paths, format=args.format, max_errors=args.max_errors))
     if args.command == "describe":
         sys.exit(describe(args.paths, format=args.format))
+    if args.command == "convert-dataset":
+        sys.exit(convert_dataset(args.paths, args.out, args.format, args.image_dir))
     if args.command == "annotate":
         sys.exit(run_annotate(args.config, args.overrides, args.limit, args.all))
     sys.exit(run_stages(args.command, args.config, args.overrides, args.force, getattr(args, "until", None)))

@@ -18,9 +18,12 @@ from typing import Any, Literal
 
 from synth.atomic import atomic_path
 from synth.schema import PARSERS, Conversation, Location, SchemaError, detect_format, to_textbind
+from synth.sources import SOURCE_ID_FIELDS, SOURCE_PARSERS, container_records
 
 OnError = Literal["raise", "skip"]
-Format = Literal["auto", "textbind", "llava"]
+#: auto (TextBind or LLaVA, by the record's fields), or a source format of synth.sources.
+Format = Literal["auto", "textbind", "llava", "platypus", "minigpt4", "shikra", "multiinstruct"]
+FORMATS = ("auto", *PARSERS, *SOURCE_PARSERS)
 
 
 @dataclass
@@ -53,6 +56,10 @@ def _raw_records(path: Path) -> Iterator[tuple[int, Any]]:
     decoded element by element so that every record still knows its line, and a
     bad element (invalid UTF-8, absurd nesting) is reported while the rest read on.
     """
+    container = container_records(path)  # parquet tables, MiniGPT-4's {"annotations": [...]}
+    if container is not None:
+        yield from container
+        return
     data = path.read_bytes()
     start = len(data) - len(data.lstrip())
     if data[start:start + 1] == b"[":
@@ -163,8 +170,8 @@ def iter_conversations(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if format not in ("auto", *PARSERS):
-        raise ValueError(f"format must be 'auto', 'textbind' or 'llava', got {format!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     path = Path(path)
     report = report if report is not None else ReadReport()
     seen: dict[str, int] = {}  # record id -> line, within this file
@@ -176,15 +183,16 @@ def iter_conversations(
         try:
             if isinstance(raw, SchemaError):
                 raise raw
-            if isinstance(raw, dict) and isinstance(raw.get("id"), (str, int)):
-                record_id = str(raw["id"])
-            parse = PARSERS[detect_format(raw) if format == "auto" else format]
+            id_field = SOURCE_ID_FIELDS.get(format, "id")
+            if isinstance(raw, dict) and isinstance(raw.get(id_field), (str, int)):
+                record_id = str(raw[id_field])
+            parse = PARSERS[detect_format(raw)] if format == "auto" else {**PARSERS, **SOURCE_PARSERS}[format]
             conversation = parse(raw, default_id)
             if conversation.id in seen:
                 raise SchemaError("duplicate_id", f"id {conversation.id!r} was already used by the record at line "
                                                   f"{seen[conversation.id]}; ids must be unique within a file")
-        except SchemaError as error:
-            located = error.at(Location(str(path), line, record_id))
+        except SchemaError as error:  # a record with no line (a container's entry) is named by its index id
+            located = error.at(Location(str(path), line, record_id if record_id or line else default_id))
             if on_error == "raise":
                 raise located from None
             report.rejected.append(located)

@@ -293,8 +293,42 @@ def test_paper_configs_parse_and_build_from_local_checkpoints(name: str, tmp_pat
                  "--model.blip2", f"{{pretrained: {tmp_path / 'blip2'}}}", "--model.init_from", "null"])
     stage = "alignment" if "stage1" in name else "instruction"
     assert built.model.stage == stage
-    assert built.model.hparams.learning_rate == (1e-4 if stage == "alignment" else 1e-5)  # released recipe
-    assert built.datamodule.max_length == 768
+    hp = built.model.hparams  # the released recipe (ds_config_*.json, run_*_stage.sh)
+    assert (hp.learning_rate, tuple(hp.betas), hp.eps, hp.weight_decay) == (
+        1e-4 if stage == "alignment" else 1e-5, (0.9, 0.95), 1e-8, 0.001)
+    assert hp.warmup_steps == (2000 if stage == "alignment" else 100) and hp.new_token_init == "normal"
+    assert built.datamodule.max_length == (256 if stage == "alignment" else 768)
+    if stage == "alignment":
+        assert built.datamodule.samples_per_epoch == 10_000_000
+
+
+@pytest.mark.parametrize("name, epochs, micro_batch, accumulate, strategy", [
+    ("stage1_alignment.yaml", 2, 16, 2, "deepspeed_stage_2"),
+    ("stage2_instruction.yaml", 3, 1, 8, "deepspeed_stage_2_offload"),
+])
+def test_released_trainer_settings_are_in_the_configs(name: str, epochs: int, micro_batch: int, accumulate: int,
+                                                      strategy: str) -> None:
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "textbind" / name).read_text())
+    trainer = config["trainer"]
+    assert (trainer["max_epochs"], trainer["accumulate_grad_batches"], trainer["strategy"]) == (
+        epochs, accumulate, strategy)
+    assert trainer["gradient_clip_val"] == 1.0 and trainer["precision"] == "bf16-mixed" and trainer["devices"] == 8
+    assert config["data"]["init_args"]["batch_size"] == micro_batch
+    assert micro_batch * accumulate * trainer["devices"] == (256 if "stage1" in name else 64)  # README's batch
+
+
+def test_the_released_mixture_layers_over_stage2() -> None:
+    built = cli(["--config", str(REPO / "configs" / "textbind" / "stage2_instruction.yaml"),
+                 "--config", str(REPO / "configs" / "textbind" / "stage2_released_mix.yaml"),
+                 "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+                 "--trainer.precision", "32-true", "--model.llm", "{pretrained: null, preset: tiny, dtype: null}",
+                 "--model.blip2", "{pretrained: null, preset: tiny}", "--model.init_from", "null"])
+    formats = [source.format for source in built.datamodule.train_sources]
+    assert formats == ["auto", "llava", "platypus", "minigpt4", "shikra", "shikra", "shikra", "multiinstruct",
+                       "multiinstruct"]
+    assert built.datamodule.batch_size == 1 and built.datamodule.max_length == 768  # stage 2's, kept
 
 
 def test_fit_runs_from_the_shell_and_writes_a_checkpoint(tmp_path: Path) -> None:

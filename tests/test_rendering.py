@@ -288,3 +288,41 @@ def test_prepare_data_reads_nothing_for_a_head_without_targets(interface, tmp_pa
     assert recorder.seen == sorted({"a rocket standing on the launch pad",
                                     "the hubble deep field showing thousands of distant galaxies",
                                     "close-up of a brick wall", "close-up of the cratered surface of the moon"})
+
+
+def test_stage1_resamples_pairs_and_redraws_templates_every_epoch(interface, tmp_path: Path) -> None:
+    """As the released stage 1: a fixed number of draws per epoch, with replacement, a template per draw."""
+    from datamodules import CAPTION_TEMPLATES, CaptionDataModule
+    from datamodules.samplers import EpochSampler
+    from synth.ingest import IngestSource, ingest, write_ingest
+
+    assert len(CAPTION_TEMPLATES) == 20  # the release's ImageCaptionTemplates
+    write_ingest(ingest([IngestSource(kind="samples")]), tmp_path)
+    module = CaptionDataModule(train=[str(tmp_path / "pairs.jsonl")], batch_size=4, num_workers=0,
+                               samples_per_epoch=50).bind(interface)
+    module.setup("fit")
+    loader = module.train_dataloader()
+    sampler = loader.sampler
+    assert isinstance(sampler, EpochSampler) and len(sampler) == 50 and len(loader) == 13
+    first = list(sampler)
+    assert len(first) == 50 and len(set(first)) < 19 + 1 and max(first) < 19  # draws with replacement, epoch 0
+    assert list(sampler) == first  # the same seed and epoch give the same draws
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert all(19 <= index < 38 for index in second) and [i - 19 for i in second] != first
+    dataset = module.train_set
+    templates = {dataset.conversation(item + 19 * epoch)[0].turns[0].content for item in range(19)
+                 for epoch in range(3)}
+    assert len(templates) > 10  # templates vary over pairs and epochs
+
+
+def test_each_rank_draws_its_own_share(interface, tmp_path: Path) -> None:
+    from datamodules.samplers import EpochSampler
+
+    ranks = [EpochSampler(list(range(7)), draws=10, seed=3) for _ in range(2)]
+    for rank, sampler in enumerate(ranks):
+        sampler.num_replicas, sampler.rank = 2, rank
+    shares = [list(sampler) for sampler in ranks]
+    assert [len(share) for share in shares] == [5, 5] and shares[0] != shares[1]
+    permutation = EpochSampler(list(range(7)), shuffle=True, seed=3)
+    assert sorted(permutation) == list(range(7))
