@@ -42,6 +42,32 @@ class ConversationSource:
     format: str = "auto"
 
 
+def check_image_root(conversations: list, root: str, source: str, sample: int = 8, enough: int = 3) -> None:
+    """Fail at setup, naming the path tried, when a source's images are not where its records say.
+
+    The first ``sample`` records with images are looked up; if at least ``enough`` were looked up and
+    none was found, the image root is wrong (one missing image is a data error, reported when its
+    sample loads). The released TextBind data's ``image_dir`` ("./data/mim_images") is relative to the
+    release's working directory: set ``image_root`` to the folder that holds ``data/``.
+    """
+    tried = []
+    for conversation in conversations:
+        if not conversation.images:
+            continue
+        path = conversation.image_path(conversation.images[0], root)
+        if path.is_file():
+            return
+        tried.append((conversation, path))
+        if len(tried) >= sample:
+            break
+    if len(tried) >= enough:
+        conversation, path = tried[0]
+        raise FileNotFoundError(
+            f"{source}: none of the first {len(tried)} records' images was found. Record {conversation.id!r}: "
+            f"{conversation.images[0]!r} was looked for at {path} (image_root {os.path.abspath(root)}, image_dir "
+            f"{conversation.image_dir!r}). Set the source's image_root to the folder those paths are relative to.")
+
+
 def weighted_indices(lengths: list[int], weights: list[float], seed: int) -> list[np.ndarray]:
     """Per source, the record indices one epoch uses: ``floor(w)`` full passes plus a
     seeded random ``frac(w)`` share, so a source's share of the mixture follows its weight."""
@@ -149,6 +175,7 @@ class ConversationDataModule(_BindingDataModule):
             conversations, report = read_conversations(source.path, on_error=self.on_error, format=source.format)
             root = source.image_root or str(Path(source.path).resolve().parent)
             conversations = self._within_root(conversations, root, source, report)
+            check_image_root(conversations, root, source.path)
             self.read_reports[source.path] = report.summary()
             if not conversations:
                 raise ValueError(f"{source.path} gave no usable conversation ({report.summary()}); fix or drop "

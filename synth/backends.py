@@ -161,6 +161,11 @@ class OfflineComposer:
         ("Human: Could you find another image in the same spirit?",
          "Assistant: Of course. This one continues the story: {c} It adds a new angle to the set."),
     )
+    _TEXT_FOLLOW_UPS = (
+        ("Human: Thanks! Which one would you print and frame?",
+         "Assistant: The first: it holds up at a large size and suits most rooms."),
+        ("Human: Good idea. What title would you give the pair?", "Assistant: \"Two Views\" keeps it simple."),
+    )
     _CLOSERS = (
         ("Human: And what would you show at the very end?", "Assistant: I would end with {c} It leaves people "
                                                             "with something to think about."),
@@ -174,6 +179,8 @@ class OfflineComposer:
         for index in range(2, len(captions)):
             human, assistant = rng.choice(self._FOLLOW_UPS if index == 2 else self._CLOSERS)
             lines += [human, assistant.format(c=tags[index])]
+        if len(captions) == 2:  # at least two exchanges, as the released data's filters require
+            lines += list(rng.choice(self._TEXT_FOLLOW_UPS))
         text = "\n\n".join(lines)
         return Completion(text, prompt_tokens=len(prompt) // 4, completion_tokens=len(text) // 4, model=self.name)
 

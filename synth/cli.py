@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -68,6 +69,24 @@ def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | 
     return 0 if written else 1
 
 
+def download_images_command(paths: list[Path], image_root: Path, complete: Path | None, workers: int,
+                            timeout: float, attempts: int, size: int, failures: Path | None) -> int:
+    """Download the images of released TextBind conversations (their url_list), resized and padded as the release."""
+    from synth.conversation_io import read_conversations, write_conversations
+    from synth.download import download_images
+
+    conversations, read = read_conversations(paths, on_error="skip")
+    print(read.summary())
+    failures = failures or image_root / "download_failures.jsonl"
+    report, kept = download_images(conversations, image_root, failures, size=size, workers=workers, timeout=timeout,
+                                   attempts=attempts)
+    print(json.dumps(report.as_dict()) + f"; failures: {failures}")
+    if complete is not None:
+        write_conversations(complete, kept)
+        print(f"{len(kept)} conversation(s) with every image written to {complete}")
+    return 0 if kept or not conversations else 1
+
+
 def build_parser():
     import argparse
 
@@ -106,6 +125,17 @@ def build_parser():
     command.add_argument("--out", type=Path, required=True, help="the JSONL to write")
     command.add_argument("--format", choices=[f for f in FORMATS if f != "auto"], required=True)
     command.add_argument("--image-dir", default=None, help="image_dir to record in every conversation")
+    command = commands.add_parser("download-images", help="fetch the images of released TextBind conversations "
+                                  "(url_list), resized and padded to 512 px white as the release did")
+    command.add_argument("paths", nargs="+", type=Path, help="TextBind-format conversation files with url_list")
+    command.add_argument("--image-root", type=Path, required=True, help="where image_dir resolves (images go there)")
+    command.add_argument("--complete", type=Path, default=None,
+                         help="write the conversations whose images all arrived here (JSONL)")
+    command.add_argument("--workers", type=int, default=16)
+    command.add_argument("--timeout", type=float, default=20.0, help="seconds per request")
+    command.add_argument("--attempts", type=int, default=5, help="tries per URL (5 in the release)")
+    command.add_argument("--size", type=int, default=512, help="square side after resize and pad (512 in the release)")
+    command.add_argument("--failures", type=Path, default=None, help="default: IMAGE_ROOT/download_failures.jsonl")
     command = commands.add_parser("annotate", help="label generated conversations; grow the seed set (section 3.3)")
     command.add_argument("--config", type=Path, required=True, help="run config YAML")
     command.add_argument("--limit", type=int, default=None, help="label at most this many now")
@@ -172,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(validate(args.paths, format=args.format, max_errors=args.max_errors))
     if args.command == "describe":
         sys.exit(describe(args.paths, format=args.format))
+    if args.command == "download-images":
+        sys.exit(download_images_command(args.paths, args.image_root, args.complete, args.workers, args.timeout,
+                                         args.attempts, args.size, args.failures))
     if args.command == "convert-dataset":
         sys.exit(convert_dataset(args.paths, args.out, args.format, args.image_dir))
     if args.command == "annotate":

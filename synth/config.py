@@ -86,6 +86,13 @@ class GenerateConfig:
 @dataclass
 class FilterConfig:
     max_edit_distance: float = 0.1  # section 3.2: drop conversations whose descriptions drift further
+    # how the edit distance is normalised: "caption" (edits / caption length, the released process_mim.py)
+    # or "longer" (edits / the longer string's length, ours: always within [0, 1])
+    edit_distance_norm: str = "caption"
+    min_messages: int = 3  # released process_mim.py: min_turn_num=3 (Human and Assistant messages)
+    require_image: bool = True  # released process_mim.py: has_image
+    drop_duplicate_responses: bool = True  # released process_mim.py: repeat_response
+    drop_trailing_user_turn: bool = True  # nothing to learn after the last user message
 
 
 @dataclass

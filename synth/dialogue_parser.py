@@ -47,15 +47,26 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def description_distance(description: str, caption: str) -> float:
-    """Normalised Levenshtein distance (edits / length of the longer string), via rapidfuzz."""
+def description_distance(description: str, caption: str, norm: str = "caption") -> float:
+    """Normalised Levenshtein distance between the LLM's description and the caption (rapidfuzz).
+
+    ``norm="caption"``: edits / length of the caption, both stripped, as the released
+    ``process_mim.py`` computes it (the paper says "normalised" without saying by what;
+    a description much longer than its caption can score above 1). ``norm="longer"``:
+    edits / length of the longer string, whitespace collapsed: always in [0, 1].
+    """
     from rapidfuzz.distance import Levenshtein
 
-    return Levenshtein.normalized_distance(normalise(description), normalise(caption))
+    if norm == "caption":
+        description, caption = description.strip(), caption.strip()
+        return Levenshtein.distance(description, caption) / max(1, len(caption))
+    if norm == "longer":
+        return Levenshtein.normalized_distance(normalise(description), normalise(caption))
+    raise ValueError(f"edit_distance_norm must be 'caption' or 'longer', got {norm!r}")
 
 
-def _turn_images(text: str, captions: list[str], max_distance: float,
-                 where: str) -> tuple[str, list[int]] | ParseRejection:
+def _turn_images(text: str, captions: list[str], max_distance: float, where: str,
+                 norm: str = "caption") -> tuple[str, list[int]] | ParseRejection:
     pieces, images, position, open_tag = [], [], 0, None
     for match in _TAG.finditer(text):
         closing, index_text = match.group(1) == "/", match.group(2)
@@ -76,7 +87,7 @@ def _turn_images(text: str, captions: list[str], max_distance: float,
             return ParseRejection("unknown_image", f"{where}: <img{index}> but the group has {len(captions)} "
                                                    f"image(s), <img0> to <img{len(captions) - 1}>")
         description = text[open_tag.end():match.start()]
-        distance = description_distance(description, captions[index])
+        distance = description_distance(description, captions[index], norm)
         if distance > max_distance:
             return ParseRejection("description_changed",
                                   f"{where}: <img{index}> reads {normalise(description)!r} for the caption "
@@ -96,7 +107,8 @@ def _turn_images(text: str, captions: list[str], max_distance: float,
     return content, images
 
 
-def parse_dialogue(text: str, captions: list[str], max_distance: float = 0.1) -> list[ParsedTurn] | ParseRejection:
+def parse_dialogue(text: str, captions: list[str], max_distance: float = 0.1,
+                   norm: str = "caption") -> list[ParsedTurn] | ParseRejection:
     """The turns of a generated dialogue, or why it is rejected. Never raises on any string."""
     if not isinstance(text, str):
         return ParseRejection("no_turns", f"generation is not text: {type(text).__name__}")
@@ -120,7 +132,7 @@ def parse_dialogue(text: str, captions: list[str], max_distance: float = 0.1) ->
         body = text[match.end():end].strip()
         if IMAGE_PLACEHOLDER in body:
             return ParseRejection("literal_placeholder", f"{where}: the text contains a literal {IMAGE_PLACEHOLDER}")
-        parsed = _turn_images(body, captions, max_distance, where)
+        parsed = _turn_images(body, captions, max_distance, where, norm)
         if isinstance(parsed, ParseRejection):
             return parsed
         content, images = parsed

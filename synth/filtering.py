@@ -1,5 +1,10 @@
 """Stage 6, filter: generations -> the conversation dataset, and the rejects with reasons (section 3.2).
 
+The rules are section 3.2's (format, image tags, descriptions edited beyond
+0.1) and, as named options defaulting to what the released data went through
+(``process_mim.py``), a minimum number of messages, at least one image, no
+response seen before, and no trailing user turn.
+
 Kept conversations are written in the schema (``conversations.jsonl``) with
 their images copied next to them (``images/<pair id>.<ext>``), so the dataset
 is self-contained whatever the images' origin (folders or tar shards).
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +37,33 @@ def _image_name(pair: dict[str, Any]) -> str:
     return f"{pair['id']}{suffix}"
 
 
-def to_conversation(generation: dict[str, Any], max_distance: float) -> Conversation | ParseRejection:
+@dataclass
+class FilterRules:
+    """What the filter stage keeps. Defaults: the paper's threshold and the released data's rules."""
+
+    max_edit_distance: float = 0.1  # section 3.2 (process_mim.py: mim_edit_dist=0.1)
+    edit_distance_norm: str = "caption"  # process_mim.py: edits / len(caption); "longer": ours, always in [0, 1]
+    min_messages: int = 3  # process_mim.py: min_turn_num=3, counting Human and Assistant messages
+    require_image: bool = True  # process_mim.py: has_image
+    drop_duplicate_responses: bool = True  # process_mim.py: a generation seen before is dropped
+    drop_trailing_user_turn: bool = True  # a dialogue may stop after Human (Appendix A): nothing to learn there
+
+
+def to_conversation(generation: dict[str, Any], rules: FilterRules | float = FilterRules()
+                    ) -> Conversation | ParseRejection:
+    if not isinstance(rules, FilterRules):  # a bare threshold, as earlier versions took
+        rules = FilterRules(max_edit_distance=float(rules))
     pairs = generation["pairs"]
     captions = [pair["caption"] for pair in pairs]
-    parsed = parse_dialogue(generation.get("output"), captions, max_distance)
+    parsed = parse_dialogue(generation.get("output"), captions, rules.max_edit_distance, rules.edit_distance_norm)
     if isinstance(parsed, ParseRejection):
         return parsed
+    if len(parsed) < rules.min_messages:
+        return ParseRejection("too_short", f"{len(parsed)} message(s); at least {rules.min_messages} are required")
+    if rules.require_image and not any(turn.images for turn in parsed):
+        return ParseRejection("no_image", "the dialogue shows no image")
+    if rules.drop_trailing_user_turn and len(parsed) > 1 and parsed[-1].role == "user":
+        parsed = parsed[:-1]
     turns = [Turn(turn.role, turn.content, [_image_name(pairs[i]) for i in turn.images],
                   [captions[i] for i in turn.images]) for turn in parsed]
     conversation = Conversation(
@@ -64,12 +91,15 @@ def _generation(line: str) -> dict[str, Any] | None:
 
 
 def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                       max_distance: float = 0.1) -> dict[str, Any]:
+                       rules: FilterRules | float = FilterRules()) -> dict[str, Any]:
+    if not isinstance(rules, FilterRules):
+        rules = FilterRules(max_edit_distance=float(rules))
     out_dir = Path(out_dir)
     kept: list[Conversation] = []
     rejected: list[str] = []
     reasons: Counter[str] = Counter()
     images: dict[str, str] = {}
+    seen_outputs: dict[str, str] = {}  # output text -> first group that produced it
     with open(generations_path, encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -81,7 +111,13 @@ def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | 
                                             "detail": f"{generations_path}:{number} is not a generation record",
                                             "output": line[:1000]}, ensure_ascii=False) + "\n")
                 continue
-            result = to_conversation(generation, max_distance)
+            output = generation.get("output")
+            if rules.drop_duplicate_responses and isinstance(output, str) and output in seen_outputs:
+                result = ParseRejection("duplicate_response", f"the same output as group {seen_outputs[output]}")
+            else:
+                result = to_conversation(generation, rules)
+                if isinstance(output, str):
+                    seen_outputs.setdefault(output, generation["group_id"])
             if isinstance(result, ParseRejection):
                 reasons[result.reason] += 1
                 rejected.append(json.dumps({"group_id": generation["group_id"], "reason": result.reason,
@@ -102,6 +138,6 @@ def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | 
     total = len(kept) + len(rejected)
     summary = {"generations": total, "kept": len(kept), "rejected": len(rejected),
                "kept_share": round(len(kept) / total, 4) if total else 0.0,
-               "reasons": dict(sorted(reasons.items())), "images": len(used), "max_edit_distance": max_distance}
+               "reasons": dict(sorted(reasons.items())), "images": len(used), "rules": asdict(rules)}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

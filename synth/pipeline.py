@@ -258,11 +258,11 @@ def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dic
 
 
 def run_filter(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from synth.filtering import filter_generations
+    from synth.filtering import FilterRules, filter_generations
 
     _require(config, "filter")
     return filter_generations(stage_dir(config, "generate") / "generations.jsonl", stage_dir(config, "filter"),
-                              config.filter.max_edit_distance)
+                              FilterRules(**asdict(config.filter)))
 
 
 def run_stats(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:

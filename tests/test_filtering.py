@@ -217,3 +217,65 @@ def test_annotate_labels_grow_the_seed_set_and_resume_after_quitting(tmp_path: P
     assert annotate(source, tmp_path / "ann", ask=lambda prompt: next(remaining), say=said.append)["skipped"] == 1
     assert annotate(source, tmp_path / "ann", ask=closed_input, say=said.append) == {
         "Excellent": 0, "Satisfactory": 0, "Poor": 0, "skipped": 0}
+
+
+# --- the released data's rules, as named options ------------------------------------------------------
+
+RELEASED_CASES = {
+    "too_short": "Human: Look! <img0> a red double-decker bus on a london street </img0>\n\nAssistant: Nice bus.",
+    "no_image": "Human: Hello there.\n\nAssistant: Hi! How can I help?\n\nHuman: Tell me about London.\n\n"
+                "Assistant: It is a big city.",
+}
+
+
+@pytest.mark.parametrize("reason", sorted(RELEASED_CASES))
+def test_each_released_rule_drops_its_case_and_can_be_switched_off(reason: str) -> None:
+    from synth.filtering import FilterRules, to_conversation
+
+    record = {"group_id": "g", "pairs": [{"id": f"p{i}", "image": f"{i}.png", "caption": c}
+                                         for i, c in enumerate(CAPTIONS)], "output": RELEASED_CASES[reason]}
+    rejected = to_conversation(record, FilterRules())
+    assert isinstance(rejected, ParseRejection) and rejected.reason == reason
+    rule_off = {"too_short": {"min_messages": 2}, "no_image": {"require_image": False}}[reason]
+    assert not isinstance(to_conversation(record, FilterRules(**rule_off)), ParseRejection)
+
+
+def test_a_trailing_user_turn_is_dropped_by_default() -> None:
+    from synth.filtering import FilterRules, to_conversation
+
+    output = GOOD + "\n\nHuman: Thanks, bye!"
+    record = {"group_id": "g", "pairs": [{"id": f"p{i}", "image": f"{i}.png", "caption": c}
+                                         for i, c in enumerate(CAPTIONS)], "output": output}
+    assert to_conversation(record, FilterRules()).turns[-1].role == "assistant"
+    assert to_conversation(record, FilterRules(drop_trailing_user_turn=False)).turns[-1].content == "Thanks, bye!"
+
+
+def test_a_repeated_response_is_dropped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from synth.filtering import FilterRules
+
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(images[-1])
+    source = tmp_path / "generations.jsonl"
+    source.write_text("".join(json.dumps(generation(g, GOOD, images)) + "\n" for g in ("g1", "g2")))
+    summary = filter_generations(source, tmp_path / "out")
+    assert summary["kept"] == 1 and summary["reasons"] == {"duplicate_response": 1}
+    rejected = json.loads((tmp_path / "out" / "rejected.jsonl").read_text())
+    assert rejected["group_id"] == "g2" and "group g1" in rejected["detail"]
+    kept = filter_generations(source, tmp_path / "again", FilterRules(drop_duplicate_responses=False))
+    assert kept["kept"] == 2
+
+
+def test_edit_distance_by_caption_length_as_released_or_by_the_longer_string() -> None:
+    caption = "big ben at sunset"
+    longer_description = "big ben at sunset over the river thames"
+    # released: 22 inserted characters / 17 of the caption
+    assert description_distance(longer_description, caption, "caption") == pytest.approx(22 / 17)
+    assert description_distance(longer_description, caption, "longer") == pytest.approx(22 / 39)
+    one_edit = "big ben at sunsat"
+    assert description_distance(one_edit, caption, "caption") == pytest.approx(1 / 17)
+    with pytest.raises(ValueError, match="'caption' or 'longer'"):
+        description_distance(one_edit, caption, "shortest")

@@ -326,3 +326,27 @@ def test_each_rank_draws_its_own_share(interface, tmp_path: Path) -> None:
     assert [len(share) for share in shares] == [5, 5] and shares[0] != shares[1]
     permutation = EpochSampler(list(range(7)), shuffle=True, seed=3)
     assert sorted(permutation) == list(range(7))
+
+
+def test_released_image_dirs_load_with_one_setting_and_a_wrong_root_names_the_path(interface, tmp_path: Path) -> None:
+    """The release's records say image_dir "./data/mim_images", relative to its working directory."""
+    from PIL import Image
+
+    images = tmp_path / "release" / "data" / "mim_images"
+    images.mkdir(parents=True)
+    records = []
+    for index in range(4):
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(images / f"{index}.png")
+        records.append({"conversation": [{"role": "user", "content": "What is this? <image>",
+                                          "image_list": [f"{index}.png"], "caption_list": []},
+                                         {"role": "assistant", "content": "A square.", "image_list": [],
+                                          "caption_list": []}], "image_dir": "./data/mim_images"})
+    data = write(tmp_path / "release" / "data" / "train.jsonl", records)
+    right = ConversationDataModule(train=[ConversationSource(str(data), image_root=str(tmp_path / "release"))],
+                                   num_workers=0).bind(interface)
+    right.setup("fit")
+    assert right.train_set[0]["pixel_values"].shape[0] == 1
+    wrong = ConversationDataModule(train=[ConversationSource(str(data))], num_workers=0).bind(interface)
+    tried = tmp_path / "release" / "data" / "data" / "mim_images" / "0.png"
+    with pytest.raises(FileNotFoundError, match=f"was looked for at {tried}"):
+        wrong.setup("fit")
