@@ -50,27 +50,22 @@ class MIMChat:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], sdxl: ModelSource | str | dict | None = None,
                         refiner: ModelSource | str | dict | None = None, device: str | None = None,
-                        dtype: str | None = None, settings: GenerationSettings | None = None) -> "MIMChat":
+                        dtype: str | None = None, settings: GenerationSettings | None = None,
+                        watermark: bool = False) -> "MIMChat":
         """Load a MIM directory (or .ckpt) and the SDXL it draws with.
 
-        ``sdxl`` defaults to the one recorded in the directory, else SDXL base 1.0.
-        ``dtype`` (float16 / bfloat16) casts the model and SDXL, for GPUs.
+        ``sdxl`` and ``refiner`` default to the ones recorded in the directory (else SDXL base 1.0 and
+        no refiner). ``dtype`` (float16 / bfloat16) casts the model and SDXL, for GPUs. ``watermark``:
+        SDXL's invisible watermark, as the released demo applied.
         """
         from mim.export import CONFIG_FILE, load_model, read_config
+        from synth.zoo.sdxl import build_sdxl_refiner
 
         recorded = read_config(path) if (Path(path) / CONFIG_FILE).is_file() else {}
         model = load_model(path).eval()
-        sdxl_source = sdxl or recorded.get("sdxl") or DEFAULT_SDXL
-        pipeline = build_sdxl(sdxl_source)
-        refiner_pipeline = None
+        pipeline = build_sdxl(sdxl or recorded.get("sdxl") or DEFAULT_SDXL, watermark=watermark)
         refiner_source = refiner or recorded.get("refiner")
-        if refiner_source:
-            from diffusers import StableDiffusionXLImg2ImgPipeline
-
-            source = ModelSource.parse(refiner_source)
-            refiner_pipeline = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                source.pretrained, text_encoder_2=pipeline.text_encoder_2, vae=pipeline.vae,
-                **source.pretrained_kwargs())
+        refiner_pipeline = build_sdxl_refiner(refiner_source, pipeline, watermark) if refiner_source else None
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, None: None}[dtype]
         model.to(device=device, dtype=torch_dtype)

@@ -208,6 +208,12 @@ class InterleavedGenerator:
     # --- images ------------------------------------------------------------------------
 
     def draw(self, condition: SDXLCondition, settings: GenerationSettings, seed: int):
+        """SDXL base, then (when set) the refiner from ``high_noise_frac`` of the way, for every head.
+
+        The refiner conditions on text_encoder_2 alone: for a text prompt it encodes the prompt itself;
+        for an embedding head it gets the text_encoder_2 part of the predicted ``prompt_embeds`` (their
+        last ``text_encoder_2.hidden_size`` channels, 1280 of SDXL base's 2048) and the pooled embedding.
+        """
         if self.sdxl is None:
             raise RuntimeError("no SDXL pipeline was given, so images cannot be drawn")
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -218,12 +224,20 @@ class InterleavedGenerator:
             dtype = self.sdxl.unet.dtype
             kwargs["prompt_embeds"] = condition.prompt_embeds.to(self.sdxl.device, dtype)
             kwargs["pooled_prompt_embeds"] = condition.pooled_prompt_embeds.to(self.sdxl.device, dtype)
-        if self.refiner is not None and condition.prompt is not None:
-            latents = self.sdxl(**kwargs, denoising_end=settings.high_noise_frac, output_type="latent").images
-            return self.refiner(prompt=condition.prompt, image=latents,
-                                num_inference_steps=settings.num_inference_steps,
-                                denoising_start=settings.high_noise_frac, generator=generator).images[0]
-        return self.sdxl(**kwargs).images[0]
+        if self.refiner is None:
+            return self.sdxl(**kwargs).images[0]
+        latents = self.sdxl(**kwargs, denoising_end=settings.high_noise_frac, output_type="latent").images
+        refine = dict(image=latents, num_inference_steps=settings.num_inference_steps,
+                      guidance_scale=settings.guidance_scale, denoising_start=settings.high_noise_frac,
+                      generator=generator)
+        if condition.prompt is not None:
+            refine["prompt"] = condition.prompt
+        else:
+            width = self.refiner.text_encoder_2.config.hidden_size
+            dtype = self.refiner.unet.dtype
+            refine["prompt_embeds"] = condition.prompt_embeds[..., -width:].to(self.refiner.device, dtype)
+            refine["pooled_prompt_embeds"] = condition.pooled_prompt_embeds.to(self.refiner.device, dtype)
+        return self.refiner(**refine).images[0]
 
     # --- one turn --------------------------------------------------------------------------
 

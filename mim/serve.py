@@ -353,7 +353,8 @@ class DemoServer(ThreadingHTTPServer):
 def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | str | None = None,
           refiner: dict | str | None = None, device: str | None = None, dtype: str | None = None,
           max_new_tokens: int = 256, max_images: int = 2, image_size: int = 1024, num_inference_steps: int = 40,
-          guidance_scale: float = 5.0, do_sample: bool = False, top_p: float = 0.9, seed: int = 0,
+          high_noise_frac: float = 0.8, guidance_scale: float = 5.0, watermark: bool = False,
+          do_sample: bool = False, top_p: float = 0.9, seed: int = 0,
           image_bias: float = 0.0, max_text_chars: int = 4000, max_upload_images: int = 4,
           max_request_mb: float = 16, max_image_pixels: int = 16_777_216, max_sessions: int = 64,
           max_sessions_per_client: int = 8, session_idle_minutes: float = 60, max_turns: int = 20,
@@ -372,7 +373,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
         max_images: generated images per reply.
         image_size: generated image size.
         num_inference_steps: SDXL steps (40 in the released demo).
+        high_noise_frac: where SDXL base hands over to the refiner (0.8 in the released demo).
         guidance_scale: SDXL classifier-free guidance (5.0, diffusers' SDXL default, as the released demo).
+        watermark: SDXL's invisible watermark on every image (the released demo's pipelines added it when
+            invisible-watermark was installed); needs ``pip install invisible-watermark``.
         do_sample: top-p sampling instead of greedy (the released demo decodes greedily).
         top_p: nucleus mass.
         seed: for sampling and images.
@@ -390,10 +394,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
     from mim.chat import MIMChat
     from mim.generation import GenerationSettings, trigger_bias
 
-    loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype)
+    loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype,
+                                     watermark=watermark)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
-                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  do_sample=do_sample, top_p=top_p, seed=seed,
+                                  num_inference_steps=num_inference_steps, high_noise_frac=high_noise_frac,
+                                  guidance_scale=guidance_scale, do_sample=do_sample, top_p=top_p, seed=seed,
                                   logit_bias=trigger_bias(loaded.generator.model.head, image_bias))
 
     def make_chat():

@@ -69,7 +69,8 @@ def chat_loop(chat, out_dir: Path, ask: Callable[[str], str] = input, say: Calla
 
 def chat(model: str, sdxl: dict | str | None = None, refiner: dict | str | None = None, out_dir: str = "chat_images",
          device: str | None = None, dtype: str | None = None, max_new_tokens: int = 256, max_images: int = 2,
-         image_size: int = 1024, num_inference_steps: int = 40, guidance_scale: float = 5.0, do_sample: bool = False,
+         image_size: int = 1024, num_inference_steps: int = 40, high_noise_frac: float = 0.8,
+         guidance_scale: float = 5.0, watermark: bool = False, do_sample: bool = False,
          top_p: float = 0.9, image_bias: float = 0.0, seed: int = 0, message: str | None = None,
          images: list[str] | None = None) -> int:
     """Chat with a MIM directory (or .ckpt) in the terminal, or send one message (``--message``).
@@ -85,7 +86,10 @@ def chat(model: str, sdxl: dict | str | None = None, refiner: dict | str | None 
         max_images: generated images per reply.
         image_size: generated image size.
         num_inference_steps: SDXL steps (40 in the released demo).
+        high_noise_frac: where SDXL base hands over to the refiner (0.8 in the released demo).
         guidance_scale: SDXL classifier-free guidance (5.0, diffusers' SDXL default, as the released demo).
+        watermark: SDXL's invisible watermark on every image (the released demo's pipelines added it when
+            invisible-watermark was installed); needs ``pip install invisible-watermark``.
         do_sample: top-p sampling instead of greedy (the released demo decodes greedily).
         top_p: nucleus mass.
         image_bias: added to the image trigger's logit (positive: more images).
@@ -97,10 +101,12 @@ def chat(model: str, sdxl: dict | str | None = None, refiner: dict | str | None 
     from mim.chat import MIMChat
     from mim.generation import GenerationSettings, trigger_bias
 
-    loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype)
+    loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype,
+                                     watermark=watermark)
     loaded.settings = GenerationSettings(
         max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, do_sample=do_sample, top_p=top_p,
+        num_inference_steps=num_inference_steps, high_noise_frac=high_noise_frac,
+        guidance_scale=guidance_scale, do_sample=do_sample, top_p=top_p,
         seed=seed, logit_bias=trigger_bias(loaded.generator.model.head, image_bias))
     if message is None:
         return chat_loop(loaded, Path(out_dir))

@@ -367,3 +367,24 @@ def test_web_demo_in_a_real_browser(model_dir: Path, tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_the_released_demo_settings_are_one_flag_away(command: str, capsys) -> None:
+    import yaml
+
+    from mim.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--config", str(REPO / "configs" / "demo" / "released.yaml"), "runs/mim", "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["do_sample"], printed["guidance_scale"], printed["num_inference_steps"], printed["seed"],
+            printed["high_noise_frac"], printed["watermark"]) == (False, 5.0, 40, 42, 0.8, True)
+    assert printed["refiner"]["pretrained"] == "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+
+def test_a_recorded_refiner_is_loaded_by_the_chat(tmp_path: Path) -> None:
+    directory = save_directory(tiny_model(), tmp_path / "mim", sdxl=TINY, refiner=TINY)
+    chat = MIMChat.from_pretrained(directory)
+    assert chat.generator.refiner is not None and chat.generator.refiner.text_encoder_2 is chat.generator.sdxl.text_encoder_2

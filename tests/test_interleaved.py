@@ -112,3 +112,18 @@ def test_the_inference_prompt_is_tokenized_as_training_renders_it(generator: Int
     inference = pieces[0] + image_run + pieces[1] + image_run + pieces[2]
     assert trained.input_ids[:len(inference)] == inference
     assert len(trained.input_ids) > len(inference)  # followed by the assistant's answer
+
+
+def test_the_refiner_finishes_every_head_s_image(generator: InterleavedGenerator) -> None:
+    """Text prompts (language head) and predicted embeddings (MSE heads) both go through base then refiner."""
+    from heads.base import SDXLCondition
+    from synth.zoo.sdxl import build_sdxl_refiner
+
+    base = generator.sdxl
+    refined = InterleavedGenerator(generator.model, base, build_sdxl_refiner("tiny", base))
+    settings = GenerationSettings(num_inference_steps=4, image_size=64, high_noise_frac=0.5)
+    embeds = SDXLCondition(prompt_embeds=torch.randn(1, 77, 64), pooled_prompt_embeds=torch.randn(1, 32))
+    for condition in (SDXLCondition(prompt="a red bus"), embeds):
+        plain = np.asarray(generator.draw(condition, settings, seed=1))
+        finished = np.asarray(refined.draw(condition, settings, seed=1))
+        assert plain.shape == finished.shape == (64, 64, 3) and not np.array_equal(plain, finished)

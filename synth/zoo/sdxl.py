@@ -58,22 +58,78 @@ def tiny_sdxl_components() -> dict:
                 tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler)
 
 
-def build_sdxl(source: ModelSource | str | dict = DEFAULT_SDXL):
-    """A ``StableDiffusionXLPipeline`` from a checkpoint (hub id or directory) or a preset."""
+#: The refiner the released demo hands over to (scripts/run_demo.sh SD_REFINER).
+DEFAULT_SDXL_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+
+def _check_watermark(watermark: bool) -> None:
+    if watermark:
+        from diffusers.utils import is_invisible_watermark_available
+
+        if not is_invisible_watermark_available():
+            raise ImportError("watermark=True needs SDXL's invisible watermark: pip install invisible-watermark")
+
+
+def build_sdxl(source: ModelSource | str | dict = DEFAULT_SDXL, watermark: bool = False):
+    """A ``StableDiffusionXLPipeline`` from a checkpoint (hub id or directory) or a preset.
+
+    ``watermark``: stamp images with SDXL's invisible watermark, as ``DiffusionPipeline.from_pretrained``
+    did in the released demo when the ``invisible-watermark`` package was installed.
+    """
     from diffusers import StableDiffusionXLPipeline
 
+    _check_watermark(watermark)
     source = ModelSource.parse(source)
     if source.preset is not None:
         check_preset(source, "SDXL")
         with preset_weights_rng():
             components = tiny_sdxl_components()
-        return StableDiffusionXLPipeline(**components, add_watermarker=False)
+        return StableDiffusionXLPipeline(**components, add_watermarker=watermark)
     kwargs = source.pretrained_kwargs()
     kwargs.setdefault("use_safetensors", True)
-    kwargs.setdefault("add_watermarker", False)
+    kwargs.setdefault("add_watermarker", watermark)
     if source.torch_dtype is not None:
         kwargs["torch_dtype"] = source.torch_dtype
     return StableDiffusionXLPipeline.from_pretrained(source.pretrained, **kwargs)
+
+
+def tiny_refiner_unet(base):
+    """A refiner UNet at toy size: conditioned on text_encoder_2 alone, with the aesthetic-score micro-condition."""
+    from diffusers import UNet2DConditionModel
+
+    hidden = base.text_encoder_2.config.hidden_size
+    time_embed_dim = 8
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, transformer_layers_per_block=(1, 1),
+        # pooled text + 5 micro-conditions (size 2, crop 2, aesthetic score 1), as SDXL's refiner
+        projection_class_embeddings_input_dim=5 * time_embed_dim + base.text_encoder_2.config.projection_dim,
+        cross_attention_dim=hidden, norm_num_groups=8).eval()
+
+
+def build_sdxl_refiner(source: ModelSource | str | dict, base, watermark: bool = False):
+    """SDXL's refiner, sharing ``text_encoder_2`` and the VAE with ``base`` (as the released demo loads it)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    _check_watermark(watermark)
+    source = ModelSource.parse(source)
+    shared = dict(text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=base.vae)
+    if source.preset is not None:
+        check_preset(source, "SDXL refiner")
+        with preset_weights_rng():
+            unet = tiny_refiner_unet(base)
+        return StableDiffusionXLImg2ImgPipeline(
+            **shared, text_encoder=None, tokenizer=None, unet=unet, scheduler=base.scheduler,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=watermark)
+    kwargs = source.pretrained_kwargs()
+    kwargs.setdefault("use_safetensors", True)
+    kwargs.setdefault("add_watermarker", watermark)
+    if source.torch_dtype is not None:
+        kwargs["torch_dtype"] = source.torch_dtype
+    return StableDiffusionXLImg2ImgPipeline.from_pretrained(source.pretrained, text_encoder_2=base.text_encoder_2,
+                                                            vae=base.vae, **kwargs)
 
 
 def build_sdxl_text_encoders(source: ModelSource | str | dict = DEFAULT_SDXL):
