@@ -79,12 +79,16 @@ class ModelInterface:
 class RenderedDataset(Dataset):
     """Renders, truncates and loads the images of one record per item."""
 
-    def __init__(self, interface: ModelInterface, max_length: int, on_error: Literal["raise", "skip"] = "raise"):
+    def __init__(self, interface: ModelInterface, max_length: int, on_error: Literal["raise", "skip"] = "raise",
+                 truncation: str = "whole"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if truncation not in ("whole", "released"):
+            raise ValueError(f"truncation must be 'whole' or 'released', got {truncation!r}")
         self.interface = interface
         self.max_length = max_length
         self.on_error = on_error
+        self.truncation = truncation
 
     def conversation(self, index: int) -> tuple[Conversation, str | None]:
         raise NotImplementedError
@@ -94,7 +98,8 @@ class RenderedDataset(Dataset):
         interface = self.interface
         sample = render_conversation(conversation, interface.tokenizer, interface.renderer,
                                      interface.num_query_tokens, image_root)
-        sample = truncate(sample, self.max_length, interface.num_query_tokens, interface.image_token_id)
+        sample = truncate(sample, self.max_length, interface.num_query_tokens, interface.image_token_id,
+                          self.truncation)
         return {"sample": sample, "pixel_values": self._pixels(sample)}
 
     def _pixels(self, sample: RenderedSample) -> torch.Tensor | None:
@@ -121,8 +126,8 @@ class ConversationDataset(RenderedDataset):
     """Conversations in the schema, each with the folder its image paths resolve under."""
 
     def __init__(self, conversations: Sequence[tuple[Conversation, str]], interface: ModelInterface,
-                 max_length: int, on_error: Literal["raise", "skip"] = "raise"):
-        super().__init__(interface, max_length, on_error)
+                 max_length: int, on_error: Literal["raise", "skip"] = "raise", truncation: str = "whole"):
+        super().__init__(interface, max_length, on_error, truncation)
         self.conversations = list(conversations)
 
     def __len__(self) -> int:
@@ -137,8 +142,8 @@ class CaptionDataset(RenderedDataset):
 
     def __init__(self, pairs: Sequence[ImagePair], interface: ModelInterface, max_length: int,
                  templates: Sequence[str] = CAPTION_TEMPLATES, seed: int = 0,
-                 on_error: Literal["raise", "skip"] = "raise"):
-        super().__init__(interface, max_length, on_error)
+                 on_error: Literal["raise", "skip"] = "raise", truncation: str = "whole"):
+        super().__init__(interface, max_length, on_error, truncation)
         bad = [t for t in templates if t.count(IMAGE_PLACEHOLDER) != 1]
         if not templates or bad:
             raise ValueError(f"each caption template needs exactly one {IMAGE_PLACEHOLDER}; bad: {bad or 'none given'}")

@@ -84,8 +84,12 @@ def weighted_indices(lengths: list[int], weights: list[float], seed: int) -> lis
 
 
 class _BindingDataModule(L.LightningDataModule):
-    def __init__(self, batch_size: int, num_workers: int, max_length: int, on_error: Literal["raise", "skip"]):
+    def __init__(self, batch_size: int, num_workers: int, max_length: int, on_error: Literal["raise", "skip"],
+                 truncation: Literal["whole", "released"] = "whole"):
         super().__init__()
+        if truncation not in ("whole", "released"):
+            raise ValueError(f"truncation must be 'whole' or 'released', got {truncation!r}")
+        self.truncation = truncation
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size and max_length must be positive, got {batch_size}, {max_length}")
         self.batch_size = batch_size
@@ -150,7 +154,8 @@ class ConversationDataModule(_BindingDataModule):
 
     def __init__(self, train: list[ConversationSource], val: list[ConversationSource] | None = None,
                  batch_size: int = 8, num_workers: int = 4, max_length: int = 768,
-                 on_error: Literal["raise", "skip"] = "raise", seed: int = 0):
+                 on_error: Literal["raise", "skip"] = "raise", seed: int = 0,
+                 truncation: Literal["whole", "released"] = "whole"):
         """
         Args:
             train: the training mixture.
@@ -160,8 +165,11 @@ class ConversationDataModule(_BindingDataModule):
             max_length: tokens per sample, branches included (768 in the released recipe).
             on_error: what a broken record or image does: stop with its name, or skip and be counted.
             seed: for the fractional parts of source weights.
+            truncation: ``whole`` (ours: an image and its caption branch are kept or dropped together,
+                branches count towards max_length) or ``released`` (the released preprocess_mim: branches
+                appended, then everything cut at max_length, a partial caption kept, an image run finished).
         """
-        super().__init__(batch_size, num_workers, max_length, on_error)
+        super().__init__(batch_size, num_workers, max_length, on_error, truncation)
         if not train:
             raise ValueError("ConversationDataModule needs at least one training source")
         self.train_sources = train
@@ -182,7 +190,8 @@ class ConversationDataModule(_BindingDataModule):
                                  "this source")
             records.append([(conversation, root) for conversation in conversations])
             lengths.append(len(conversations))
-        datasets = [ConversationDataset(r, self.interface, self.max_length, self.on_error) for r in records]
+        datasets = [ConversationDataset(r, self.interface, self.max_length, self.on_error, self.truncation)
+                    for r in records]
         if not weighted:
             return ConcatDataset(datasets)
         chosen = weighted_indices(lengths, [s.weight for s in sources], self.seed)
@@ -227,7 +236,8 @@ class CaptionDataModule(_BindingDataModule):
 
     def __init__(self, train: list[str], val: list[str] | None = None, templates: list[str] | None = None,
                  batch_size: int = 32, num_workers: int = 4, max_length: int = 768,
-                 on_error: Literal["raise", "skip"] = "raise", seed: int = 0, samples_per_epoch: int | None = None):
+                 on_error: Literal["raise", "skip"] = "raise", seed: int = 0, samples_per_epoch: int | None = None,
+                 truncation: Literal["whole", "released"] = "whole"):
         """
         Args:
             train: ``pairs.jsonl`` files written by ``synth ingest``, or ``.tar`` shards / folders of
@@ -242,8 +252,9 @@ class CaptionDataModule(_BindingDataModule):
             seed: picks each pair's template and the order (or the draws) of every epoch.
             samples_per_epoch: draw this many pairs per epoch with replacement (over all ranks), as the
                 released stage 1 did (webdataset resampled, 10M per epoch); None: every pair once.
+            truncation: ``whole`` (ours) or ``released``, as for :class:`ConversationDataModule`.
         """
-        super().__init__(batch_size, num_workers, max_length, on_error)
+        super().__init__(batch_size, num_workers, max_length, on_error, truncation)
         if not train:
             raise ValueError("CaptionDataModule needs at least one pairs.jsonl file")
         if samples_per_epoch is not None and samples_per_epoch < 1:
@@ -268,7 +279,8 @@ class CaptionDataModule(_BindingDataModule):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: no such pairs file (write one with `synth ingest`)")
             pairs.extend(read_pairs(path))
-        return CaptionDataset(pairs, self.interface, self.max_length, self.templates, self.seed, self.on_error)
+        return CaptionDataset(pairs, self.interface, self.max_length, self.templates, self.seed, self.on_error,
+                              self.truncation)
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         return self._read(self.train_files), (self._read(self.val_files) if self.val_files else None)

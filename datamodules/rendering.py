@@ -237,13 +237,18 @@ def render_conversation(
     return sample
 
 
-def truncate(sample: RenderedSample, max_length: int, num_query_tokens: int, image_token_id: int) -> RenderedSample:
+def truncate(sample: RenderedSample, max_length: int, num_query_tokens: int, image_token_id: int,
+             mode: str = "whole") -> RenderedSample:
     """Cut the main sequence so that it plus its surviving branches fit ``max_length``.
 
-    The cut never falls inside an image run or a head's token run: an image is
-    kept whole or dropped with its run, and a branch or head target is kept only
-    if its tokens are.
+    ``whole`` (ours): the cut never falls inside an image run or a head's token run: an
+    image is kept whole or dropped with its run, and a branch or head target is kept only
+    if its tokens are. ``released``: as the released ``preprocess_mim``, see :func:`truncate_released`.
     """
+    if mode == "released":
+        return truncate_released(sample, max_length, image_token_id)
+    if mode != "whole":
+        raise ValueError(f"truncation must be 'whole' or 'released', got {mode!r}")
     if sample.length <= max_length:
         return sample
     ids = torch.tensor(sample.input_ids)
@@ -269,3 +274,35 @@ def truncate(sample: RenderedSample, max_length: int, num_query_tokens: int, ima
         sample.record_id, sample.input_ids[:cut], sample.labels[:cut], sample.images[:kept_images],
         [branch for branch in sample.branches if branch[0] + num_query_tokens <= cut],
         [output for output in sample.outputs if output[0] + output[1] <= cut])
+
+
+def truncate_released(sample: RenderedSample, max_length: int, image_token_id: int) -> RenderedSample:
+    """The released ``preprocess_mim``'s cut: branches are appended after the main sequence and the whole is
+    cut at ``max_length``; a cut inside an image run moves forward to the run's end (so the sample can
+    exceed ``max_length`` by up to one run less a token). A cut in the main sequence drops every branch;
+    a cut in the branches keeps the main sequence and the branches' first tokens, a partial caption included.
+    """
+    if sample.length <= max_length:
+        return sample
+    main = len(sample.input_ids)
+    if max_length >= main:
+        branches, budget = [], max_length - main
+        for anchor, ids, labels in sample.branches:
+            if budget <= 0:
+                break
+            branches.append((anchor, ids[:budget], labels[:budget]))
+            budget -= len(ids)
+        return RenderedSample(sample.record_id, sample.input_ids, sample.labels, sample.images, branches,
+                              sample.outputs)
+    cut = max_length
+    while cut < main and sample.input_ids[cut] == image_token_id:
+        cut += 1
+    kept_images = sample.input_ids[:cut].count(image_token_id) // max(1, _run_length(sample, image_token_id))
+    return RenderedSample(sample.record_id, sample.input_ids[:cut], sample.labels[:cut], sample.images[:kept_images],
+                          [], [output for output in sample.outputs if output[0] + output[1] <= cut])
+
+
+def _run_length(sample: RenderedSample, image_token_id: int) -> int:
+    """Tokens per image run (the number of query tokens), read off the sample."""
+    total = sample.input_ids.count(image_token_id)
+    return total // len(sample.images) if sample.images else 1

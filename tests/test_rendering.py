@@ -106,6 +106,25 @@ def test_truncation_never_splits_an_image_and_keeps_branches_with_their_image(to
         assert cut.images == sample.images[:len(cut.images)]
 
 
+def test_released_truncation_cuts_as_preprocess_mim_did(tokenizer, head) -> None:
+    """The release appended branches, then cut the whole at max_length, moving forward out of an image run
+    (data_utils.preprocess_mim); its input_ids and labels, written out here from that loop."""
+    sample = render_conversation(conversation(), tokenizer, head, Q)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    flat_ids = sample.input_ids + [t for _, ids, _ in sample.branches for t in ids]
+    flat_labels = sample.labels + [t for _, _, labels in sample.branches for t in labels]
+    for max_length in range(1, len(flat_ids) + 2):
+        end = len(flat_ids)
+        if len(flat_ids) > max_length:
+            end = max_length
+            while flat_ids[end] == image_id:
+                end += 1
+        cut = truncate(sample, max_length, Q, image_id, mode="released")
+        assert cut.input_ids + [t for _, ids, _ in cut.branches for t in ids] == flat_ids[:end], max_length
+        assert cut.labels + [t for _, _, labels in cut.branches for t in labels] == flat_labels[:end]
+        assert len(cut.images) * Q == cut.input_ids.count(image_id)
+
+
 def test_branch_mask_caption_sees_only_prefix_and_nobody_sees_the_caption(tokenizer, head) -> None:
     sample = render_conversation(conversation(), tokenizer, head, Q)
     plain = render_conversation(Conversation("p", [Turn("user", "Hi"), Turn("assistant", "Yo")]), tokenizer, head, Q)
