@@ -5,7 +5,13 @@ stream is asked of the generation head through :class:`OutputImageRenderer`.
 """
 
 from datamodules.collate import branch_attention_mask, collate
-from datamodules.datasets import CAPTION_TEMPLATES, CaptionDataset, ConversationDataset, ModelInterface
+from datamodules.datasets import (
+    CAPTION_TEMPLATES,
+    GENERATION_TEMPLATES,
+    CaptionDataset,
+    ConversationDataset,
+    ModelInterface,
+)
 from datamodules.modules import CaptionDataModule, ConversationDataModule, ConversationSource
 from datamodules.rendering import (
     IGNORE_INDEX,
@@ -20,7 +26,7 @@ from datamodules.rendering import (
 )
 
 __all__ = [
-    "CAPTION_TEMPLATES", "IGNORE_INDEX", "IMAGE_TOKEN", "Branch", "CaptionDataModule", "CaptionDataset",
+    "CAPTION_TEMPLATES", "GENERATION_TEMPLATES", "IGNORE_INDEX", "IMAGE_TOKEN", "Branch", "CaptionDataModule", "CaptionDataset",
     "ConversationDataModule", "ConversationDataset", "ConversationSource", "ModelInterface", "OutputImage",
     "OutputImageRenderer", "RenderedSample", "SampleError", "branch_attention_mask", "collate",
     "render_conversation", "truncate",

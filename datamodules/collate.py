@@ -66,6 +66,7 @@ def collate(samples: list[RenderedSample], pad_token_id: int) -> dict[str, torch
         "position_ids": position_ids,
         "attention_mask": attention_mask,
         "images": [image for sample in samples for image in sample.images],
+        "untargeted": sum(sample.untargeted for sample in samples),
         "record_ids": [sample.record_id for sample in samples],
     }
 

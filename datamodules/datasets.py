@@ -47,6 +47,53 @@ CAPTION_TEMPLATES = (
 )
 
 
+#: Requests to draw an image, and the answer that shows it: the released code's 20
+#: ``ImageGenerationTemplates`` (data_utils.py, SihengLi99/TextBind, Apache-2.0), word for word (its
+#: typos included). Head pre-training (``task="generate"``) turns each caption into one of these.
+GENERATION_TEMPLATES = (
+    ("Now, I need you to creat an image for me, the main content is: {image_caption}, Thanks!",
+     "My pleasure! Here you are <image>."),
+    ("Could you create an image for me with this content: {image_caption}? Thanks a lot!",
+     "Here's the image you requested: <image>."),
+    ("I'd appreciate if you have an image with this description: {image_caption}.",
+     "Happy to help! Here's your image: <image>."),
+    ("Can you please create an image with the following caption: {image_caption}?",
+     "Sure thing! Here's the image you asked for: <image>."),
+    ("I was wondering if you could make an image based on this: {image_caption}.",
+     "Absolutely! Here's the image you're looking for: <image>."),
+    ("I need an image that represents this idea: {image_caption}. Can you help?",
+     "Of course! Here's the image that fits your description: <image>."),
+    ("Please create an image for me with this concept: {image_caption}.",
+     "No problem! Here's the image you requested: <image>."),
+    ("It would be great if you could make an image with this theme: {image_caption}.",
+     "I'm happy to help! Here's the image based on your theme: <image>."),
+    ("I'd love to see an image that captures this: {image_caption}.",
+     "I've got you covered! Check out this image: <image>."),
+    ("Can you come up with an image that has this content: {image_caption}?",
+     "Sure! Here's an image with the content you described: <image>."),
+    ("Please provide me with an image that showcases this: {image_caption}.",
+     "Here's an image that showcases your request: <image>."),
+    ("I'm looking for an image that depicts this: {image_caption}. Can you help?",
+     "Certainly! Here's an image that depicts your request: <image>."),
+    ("Could you generate an image based on this idea: {image_caption}?",
+     "Here's an image generated based on your idea: <image>."),
+    ("I'd be grateful if you could create an image with this subject: {image_caption}.",
+     "I'm happy to assist! Here's the image with the subject you mentioned: <image>."),
+    ("Can you design an image for me that includes this: {image_caption}?",
+     "I'd be happy to! Here's the image that includes your request: <image>."),
+    ("Please make an image for me that captures this essence: {image_caption}.",
+     "Here's an image that captures the essence you described: <image>."),
+    ("I need an image that conveys this message: {image_caption}. Can you create one?",
+     "Sure! Here's an image that conveys the message you described: <image>."),
+    ("I'd like to see an image that represents this concept: {image_caption}.",
+     "Here's an image that represents the concept you mentioned: <image>."),
+    ("Can you please come up with an image that illustrates this: {image_caption}?",
+     "Here's an image that illustrates your request: <image>."),
+    ("I'm looking for an image that embodies this idea: {image_caption}. Can you make one?",
+     "Of course! Here's an image that embodies the idea you described: <image>."),
+)
+
+
 @dataclass
 class ModelInterface:
     """What the datamodules need from the model: nothing more, so they never import it."""
@@ -138,18 +185,34 @@ class ConversationDataset(RenderedDataset):
 
 
 class CaptionDataset(RenderedDataset):
-    """Image-caption pairs as a one-turn conversation: an instruction template, then the caption."""
+    """Image-caption pairs as a one-turn conversation.
+
+    ``task="caption"`` (stage 1): an instruction with the image, then the caption.
+    ``task="generate"`` (head pre-training): a request to draw the caption, then an answer that shows
+    the image, whose caption is the head's target (SDXL embeddings, or the language head's branch).
+    """
 
     def __init__(self, pairs: Sequence[ImagePair], interface: ModelInterface, max_length: int,
-                 templates: Sequence[str] = CAPTION_TEMPLATES, seed: int = 0,
-                 on_error: Literal["raise", "skip"] = "raise", truncation: str = "whole"):
+                 templates: Sequence[str] | None = None, seed: int = 0,
+                 on_error: Literal["raise", "skip"] = "raise", truncation: str = "whole", task: str = "caption"):
         super().__init__(interface, max_length, on_error, truncation)
-        bad = [t for t in templates if t.count(IMAGE_PLACEHOLDER) != 1]
+        if task not in ("caption", "generate"):
+            raise ValueError(f"task must be 'caption' or 'generate', got {task!r}")
+        if task == "caption":
+            templates = list(templates or CAPTION_TEMPLATES)
+            bad = [t for t in templates if t.count(IMAGE_PLACEHOLDER) != 1]
+        else:
+            templates = list(templates or GENERATION_TEMPLATES)
+            bad = [t for t in templates if len(t) != 2 or "{image_caption}" not in t[0]
+                   or t[1].count(IMAGE_PLACEHOLDER) != 1]
         if not templates or bad:
-            raise ValueError(f"each caption template needs exactly one {IMAGE_PLACEHOLDER}; bad: {bad or 'none given'}")
+            raise ValueError(f"bad {task} templates (a caption template has one {IMAGE_PLACEHOLDER}; a generate "
+                             f"template is (request with {{image_caption}}, answer with one {IMAGE_PLACEHOLDER})): "
+                             f"{bad or 'none given'}")
         self.pairs = list(pairs)
-        self.templates = list(templates)
+        self.templates = templates
         self.seed = seed
+        self.task = task
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -160,5 +223,10 @@ class CaptionDataset(RenderedDataset):
         item, epoch = split_epoch(index, len(self.pairs))
         pair = self.pairs[item]
         template = random.Random(f"{self.seed}:{pair.id}:{epoch}").choice(self.templates)
-        turns = [Turn("user", template, [pair.image]), Turn("assistant", pair.caption)]
+        if self.task == "generate":
+            request, answer = template
+            turns = [Turn("user", request.format(image_caption=pair.caption)),
+                     Turn("assistant", answer, [pair.image], [pair.caption])]
+        else:
+            turns = [Turn("user", template, [pair.image]), Turn("assistant", pair.caption)]
         return Conversation(id=pair.id, turns=turns), None  # references are used as they are

@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from datamodules.datasets import CAPTION_TEMPLATES, CaptionDataset, ConversationDataset, ModelInterface
+from datamodules.datasets import CaptionDataset, ConversationDataset, ModelInterface
 from datamodules.samplers import EpochSampler
 from synth.conversation_io import read_conversations
 from synth.pairs import read_pairs
@@ -237,7 +237,8 @@ class CaptionDataModule(_BindingDataModule):
     def __init__(self, train: list[str], val: list[str] | None = None, templates: list[str] | None = None,
                  batch_size: int = 32, num_workers: int = 4, max_length: int = 768,
                  on_error: Literal["raise", "skip"] = "raise", seed: int = 0, samples_per_epoch: int | None = None,
-                 truncation: Literal["whole", "released"] = "whole"):
+                 truncation: Literal["whole", "released"] = "whole",
+                 task: Literal["caption", "generate"] = "caption"):
         """
         Args:
             train: ``pairs.jsonl`` files written by ``synth ingest``, or ``.tar`` shards / folders of
@@ -253,6 +254,9 @@ class CaptionDataModule(_BindingDataModule):
             samples_per_epoch: draw this many pairs per epoch with replacement (over all ranks), as the
                 released stage 1 did (webdataset resampled, 10M per epoch); None: every pair once.
             truncation: ``whole`` (ours) or ``released``, as for :class:`ConversationDataModule`.
+            task: ``caption`` (stage 1: the image, then its caption) or ``generate`` (head pre-training:
+                a request to draw the caption, then the image, which the head learns to produce; the
+                release's ImageGenerationTemplates).
         """
         super().__init__(batch_size, num_workers, max_length, on_error, truncation)
         if not train:
@@ -260,27 +264,37 @@ class CaptionDataModule(_BindingDataModule):
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be positive, got {samples_per_epoch}")
         self.samples_per_epoch = samples_per_epoch
+        if task not in ("caption", "generate"):
+            raise ValueError(f"task must be 'caption' or 'generate', got {task!r}")
+        self.task = task
         self.train_files = train
         self.val_files = val or []
-        self.templates = templates or list(CAPTION_TEMPLATES)
+        self.templates = templates
         self.seed = seed
         self.skipped_in_shards: dict[str, int] = {}
 
-    def _read(self, files: list[str]) -> Dataset:
+    def _pairs(self, path: str) -> list:
         from synth.ingest import index_webdataset
 
-        pairs = []
-        for path in files:
-            if path.endswith(".tar") or os.path.isdir(path):
-                shard_pairs, skipped = index_webdataset(path)
-                self.skipped_in_shards[path] = skipped
-                pairs.extend(shard_pairs)
-                continue
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such pairs file (write one with `synth ingest`)")
-            pairs.extend(read_pairs(path))
+        if path.endswith(".tar") or os.path.isdir(path):
+            shard_pairs, skipped = index_webdataset(path)
+            self.skipped_in_shards[path] = skipped
+            return shard_pairs
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such pairs file (write one with `synth ingest`)")
+        return list(read_pairs(path))
+
+    def _read(self, files: list[str]) -> Dataset:
+        pairs = [pair for path in files for pair in self._pairs(path)]
         return CaptionDataset(pairs, self.interface, self.max_length, self.templates, self.seed, self.on_error,
-                              self.truncation)
+                              self.truncation, self.task)
+
+    def output_captions(self) -> list[str]:
+        """With ``task="generate"`` every pair's caption is an image to draw: the heads' targets."""
+        if self.task != "generate":
+            return []
+        return sorted({pair.caption for path in [*self.train_files, *self.val_files]
+                       for pair in self._pairs(path)})
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         return self._read(self.train_files), (self._read(self.val_files) if self.val_files else None)

@@ -62,6 +62,7 @@ class OutputImage:
     label_first_only: bool = False
     through_vision: bool = True
     branch: Branch | None = None
+    untargeted: bool = False  # an assistant image no head can learn to draw (no caption): counted
 
 
 @runtime_checkable
@@ -88,6 +89,7 @@ class RenderedSample:
     images: list[str]  # image references, one per image run in input_ids, in order
     branches: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (anchor, ids, labels)
     outputs: list[tuple[int, int, str | None]] = field(default_factory=list)  # head tokens: (start, count, caption)
+    untargeted: int = 0  # assistant images without a caption, kept as plain images
 
     @property
     def length(self) -> int:
@@ -219,6 +221,7 @@ def render_conversation(
                 raise SampleError(f"record {conversation.id!r}: {error.detail}") from None
             # an image the assistant shows: the head decides how it is written and learnt
             output = renderer.render_output_image(captions[position], conversation.id) if trained else OutputImage()
+            sample.untargeted += output.untargeted
             if output.tokens:
                 ids = encode(output.tokens)
                 sample.outputs.append((len(sample.input_ids), len(ids), captions[position]))

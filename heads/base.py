@@ -18,6 +18,7 @@ with the head, whether the LLM trains fully, through LoRA, or not at all.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,6 +27,20 @@ import torch
 from torch import nn
 
 from datamodules.rendering import OutputImage
+
+
+_UNTARGETED_WARNINGS = 10  # records named in warnings about caption-less output images; the rest are counted
+
+
+def untargeted_image(record_id: str) -> OutputImage:
+    """An assistant image without a caption: no generation target can be made, so it is kept as a plain
+    image in the context (later tokens still see it) and counted; every head treats it alike."""
+    global _UNTARGETED_WARNINGS
+    if _UNTARGETED_WARNINGS > 0:
+        _UNTARGETED_WARNINGS -= 1
+        warnings.warn(f"record {record_id!r}: an assistant image has no caption, so no head can learn to draw it; "
+                      "it stays in the context as an image (counted as train/images_without_target)", stacklevel=3)
+    return OutputImage(untargeted=True)
 
 
 @dataclass
@@ -58,6 +73,8 @@ class GenerationHead(nn.Module, ABC):
     trigger: ClassVar[str] = ""
     #: Whether ``targets`` needs ``prepare_targets`` over the data's captions before training.
     needs_targets: ClassVar[bool] = False
+    #: Cross-entropy weight of the trigger token as a separate term; None: an ordinary label.
+    trigger_loss_weight: float | None = None
 
     def __init__(self, **init_args: Any) -> None:
         super().__init__()

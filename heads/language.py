@@ -16,8 +16,8 @@ caption) stays in the context.
 from __future__ import annotations
 
 
-from datamodules.rendering import Branch, OutputImage, SampleError
-from heads.base import GenerationHead, SDXLCondition
+from datamodules.rendering import Branch, OutputImage
+from heads.base import GenerationHead, SDXLCondition, untargeted_image
 
 START, END = "<start>", "<end>"
 
@@ -28,13 +28,19 @@ class LanguageDescriptionHead(GenerationHead):
     special_tokens = (START, END)
     trigger = START
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, trigger_loss_weight: float | None = None) -> None:
+        """
+        Args:
+            trigger_loss_weight: cross-entropy weight of ``<start>`` (deciding to draw) as a term of its
+                own; None: an ordinary label, as in the release.
+        """
+        super().__init__(**({} if trigger_loss_weight is None else {"trigger_loss_weight": trigger_loss_weight}))
+        self.trigger_loss_weight = trigger_loss_weight
 
     def render_output_image(self, caption: str | None, record_id: str) -> OutputImage:
+        """A caption branch after the image; an image without a caption stays a plain image (counted)."""
         if not caption or not caption.strip():
-            raise SampleError(f"record {record_id!r}: an assistant image has no caption; the language-description "
-                              "head learns to write captions, so every output image needs one in caption_list")
+            return untargeted_image(record_id)
         return OutputImage(through_vision=True, branch=Branch(f"{START} {' '.join(caption.split())}{END}"))
 
     def condition(self, text: str, hidden=None) -> SDXLCondition:

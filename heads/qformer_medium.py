@@ -24,7 +24,7 @@ class QFormerMediumHead(SDXLEmbeddingHead):
     special_tokens = (IMG,)
     trigger = IMG
 
-    def render_output_image(self, caption: str | None, record_id: str) -> OutputImage:
+    def output_image(self) -> OutputImage:
         return OutputImage(tokens=IMG)
 
     def encoder_states(self, hidden: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

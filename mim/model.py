@@ -33,7 +33,8 @@ from datamodules import IMAGE_TOKEN, ModelInterface
 from heads import GenerationHead
 from synth.zoo import DEFAULT_BLIP2, DEFAULT_LLM, ModelSource, build_blip2, build_llm
 
-Stage = Literal["alignment", "instruction"]
+Stage = Literal["alignment", "head", "instruction"]
+STAGES = ("alignment", "head", "instruction")
 #: The parts that can have their own learning rate and weight decay.
 PARTS = ("llm", "qformer", "head")
 
@@ -79,7 +80,7 @@ class MIM(L.LightningModule):
         part_weight_decays: dict[str, float] | None = None,
         new_token_init: Literal["mean", "normal"] = "mean",
         gradient_checkpointing: bool = False,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -88,7 +89,9 @@ class MIM(L.LightningModule):
                 default Llama-2-7b-chat (section 5.1).
             blip2: where the vision encoder, Q-Former and query tokens come from; default
                 Salesforce/blip2-flan-t5-xxl (section 5.1).
-            stage: ``alignment`` (stage 1) or ``instruction`` (stage 2), section 5.2.
+            stage: ``alignment`` (stage 1) or ``instruction`` (stage 2), section 5.2; or ``head``: head
+                pre-training between them, as GILL trains its mapper (LLM frozen, only the generation
+                head and its token rows train), so every head starts stage 2 from the same footing.
             lora: LoRA settings for the instruction stage; omit for full fine-tuning.
             learning_rate: peak learning rate (released recipe: 1e-4 alignment, 1e-5 instruction).
             weight_decay: AdamW weight decay (0.001 in the released ds_config_*.json).
@@ -105,17 +108,21 @@ class MIM(L.LightningModule):
                 (the mean of the existing rows, transformers' default since 4.46) or ``normal``
                 (N(0, 0.02), what transformers 4.31 gave the released model).
             gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
-            init_from: a checkpoint (e.g. stage 1's) whose trained weights initialise this model;
-                unlike ``ckpt_path`` it starts a new run (fresh optimizer and schedule).
+            init_from: checkpoint(s) whose trained weights initialise this model, applied in order (stage 1's
+                for stage 2; stage 1's and then the head pre-training's); a Lightning .ckpt, a MIM
+                directory's weights or a file of the released layout. Unlike ``ckpt_path`` it starts a
+                new run (fresh optimizer and schedule).
         """
         super().__init__()
         # load_from_checkpoint passes the saved plain-data hyperparameters back in
-        if stage not in ("alignment", "instruction"):
-            raise ValueError(f"stage must be 'alignment' or 'instruction', got {stage!r}")
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         if isinstance(head, dict):
             head = GenerationHead.from_hparams(head)
         if isinstance(lora, dict):
             lora = LoraSettings(**lora)
+        if isinstance(init_from, str):
+            init_from = [init_from]
         if lora is not None and stage != "instruction":
             raise ValueError("LoRA applies to the LLM, which trains only in the instruction stage")
         for name, parts in (("part_learning_rates", part_learning_rates), ("part_weight_decays", part_weight_decays)):
@@ -168,8 +175,8 @@ class MIM(L.LightningModule):
             else:
                 self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self._freeze_for_stage()
-        if init_from:
-            self.load_trained_weights(init_from)
+        for path in init_from or []:
+            self.load_trained_weights(path)
 
     # --- parts and stages --------------------------------------------------------------
 
@@ -188,14 +195,17 @@ class MIM(L.LightningModule):
     def trained_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of the parts this stage trains."""
         parts = ("qformer.", "query_tokens", "projection.")
-        return parts if self.stage == "alignment" else parts + ("llm.", "head.")
+        return {"alignment": parts, "head": ("head.",), "instruction": parts + ("llm.", "head.")}[self.stage]
 
     def _freeze_for_stage(self) -> None:
         self.requires_grad_(False)
         assert not any(p.requires_grad for p in self.parameters())
-        self.qformer.requires_grad_(True)
-        self.query_tokens.requires_grad_(True)
-        self.projection.requires_grad_(True)
+        if self.stage == "head":
+            self.head.requires_grad_(True)
+        else:
+            self.qformer.requires_grad_(True)
+            self.query_tokens.requires_grad_(True)
+            self.projection.requires_grad_(True)
         if self.stage == "instruction":
             self.head.requires_grad_(True)
             if self.hparams.lora is None:
@@ -213,8 +223,10 @@ class MIM(L.LightningModule):
         super().train(mode)
         if mode:
             self.vision_model.eval()
-            if self.stage == "alignment":
+            if self.stage != "instruction":  # the LLM is frozen in alignment and head pre-training
                 self.llm.eval()
+            if self.stage == "head":
+                self.qformer.eval()
         return self
 
     def trainable_state_keys(self) -> set[str]:
@@ -267,11 +279,19 @@ class MIM(L.LightningModule):
         labels = batch["labels"][:, 1:]  # position i predicts label i + 1
         logits = outputs.logits[:, :-1]
         valid = labels != -100
+        terms: dict[str, torch.Tensor] = {}
+        weight = self.head.trigger_loss_weight
+        if weight is not None:  # the decision to draw as a term of its own (GILL weighs it 0.5)
+            trigger = labels == self.head.token_ids[self.head.trigger]
+            terms["trigger_loss"] = weight * (
+                torch.nn.functional.cross_entropy(logits[trigger].float(), labels[trigger]) if trigger.any()
+                else outputs.logits.sum() * 0.0)
+            valid = valid & ~trigger
         if valid.any():
             lm_loss = torch.nn.functional.cross_entropy(logits[valid].float(), labels[valid])
         else:  # every label truncated away: a zero that keeps the graph
             lm_loss = outputs.logits.sum() * 0.0
-        terms = {"lm_loss": lm_loss, **self.head.loss(outputs.hidden, batch)}
+        terms = {"lm_loss": lm_loss, **terms, **self.head.loss(outputs.hidden, batch)}
         terms["loss"] = sum(terms.values())
         return terms
 
@@ -285,6 +305,7 @@ class MIM(L.LightningModule):
         for name, value in terms.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=size)
         self.log("train/skipped_samples", float(batch.get("skipped", 0)), reduce_fx="sum", batch_size=size)
+        self.log("train/images_without_target", float(batch.get("untargeted", 0)), reduce_fx="sum", batch_size=size)
         return terms["loss"]
 
     def validation_step(self, batch: dict[str, Any] | None, batch_index: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,7 @@ from heads import LanguageDescriptionHead, PromptTokensHead, QFormerMediumHead, 
 from heads.embedding_medium import regression_loss
 from mim import MIM
 from mim.generation import GenerationSettings, InterleavedGenerator
-from synth.samples import CONVERSATIONS_FILE, sample_image_dir
+from synth.samples import CONVERSATIONS_FILE, sample_image_dir, sample_pairs
 from synth.zoo import build_sdxl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,3 +180,136 @@ def test_ablation_command_writes_the_report_with_plots(tmp_path: Path) -> None:
     assert report["language"]["distinct_conditions"] > 1 / 3
     assert {p.name for p in tmp_path.glob("*.png")} == {"training_curves.png", "generation.png"}
     assert "| language |" in (tmp_path / "report.md").read_text()
+
+
+def test_an_mse_head_trains_on_a_batch_with_a_caption_less_image(tmp_path: Path) -> None:
+    """A batch with one captioned and one caption-less assistant image: the step runs, the latter is counted."""
+    from datamodules import ConversationDataModule, ConversationSource
+
+    pairs = sample_pairs()
+    records = [{"id": "with", "conversation": [{"role": "user", "content": "Draw a cat."},
+                                               {"role": "assistant", "content": "Here: <image>",
+                                                "image_list": [pairs[1].image.name], "caption_list": [pairs[1].caption]}]},
+               {"id": "without", "conversation": [{"role": "user", "content": "Draw a rocket."},
+                                                  {"role": "assistant", "content": "Here: <image>",
+                                                   "image_list": [pairs[2].image.name]}]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    model = MIM(head=PromptTokensHead(target_cache=str(tmp_path / "cache"), **SMALL), llm=TINY, blip2=TINY)
+    module = ConversationDataModule(train=[ConversationSource(str(tmp_path / "d.jsonl"),
+                                                              image_root=str(pairs[1].image.parent))],
+                                    batch_size=2, num_workers=0).bind(model.data_interface())
+    module.prepare_data()
+    module.setup("fit")
+    with pytest.warns(UserWarning, match="record 'without'"):
+        batch = model.data_interface().collate([module.train_set[0], module.train_set[1]])
+    assert batch["untargeted"] == 1 and batch["output_captions"] == [pairs[1].caption]
+    terms = model.losses(batch)
+    terms["loss"].backward()
+    assert torch.isfinite(terms["mse_prompt"]) and model.head.queries.grad.abs().sum() > 0
+
+
+def test_parameter_groups_get_their_own_learning_rates(tmp_path: Path) -> None:
+    model = MIM(head=PromptTokensHead(target_cache=str(tmp_path), **SMALL), llm=TINY, blip2=TINY,
+                learning_rate=1e-5, part_learning_rates={"head": 1e-3, "qformer": 1e-4},
+                part_weight_decays={"head": 0.0})
+    from types import SimpleNamespace
+
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10)  # all configure_optimizers asks of it
+    optimizer = model.configure_optimizers()["optimizer"]
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert set(groups) == {"llm", "qformer", "head"}
+    assert (groups["llm"]["lr"], groups["qformer"]["lr"], groups["head"]["lr"]) == (1e-5, 1e-4, 1e-3)
+    assert (groups["head"]["weight_decay"], groups["llm"]["weight_decay"]) == (0.0, 0.001)
+    assert groups["head"]["betas"] == (0.9, 0.95)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].startswith("head.") for p in groups["head"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_state_keys())
+    with pytest.raises(ValueError, match="unknown part.*'vision'"):
+        MIM(head=LanguageDescriptionHead(), llm=TINY, blip2=TINY, part_learning_rates={"vision": 1.0})
+
+
+def held_out_mse(model: MIM, module) -> float:
+    model.eval()
+    with torch.no_grad():
+        batch = model.data_interface().collate([module.val_set[i] for i in range(len(module.val_set))])
+        return float(model.losses(batch)["mse_prompt"])
+
+
+@pytest.mark.slow
+def test_head_pretraining_lowers_the_mse_on_held_out_captions(tmp_path: Path) -> None:
+    """GILL-style: the LLM frozen, only the head learns caption -> SDXL embedding, on the release's
+    image-generation requests; then captions it never saw are predicted better than before."""
+    from datamodules import CaptionDataModule
+    from synth.ingest import IngestSource, ingest, write_ingest
+
+    write_ingest(ingest([IngestSource(kind="samples")]), tmp_path)
+    lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:15]) + "\n")
+    (tmp_path / "held_out.jsonl").write_text("\n".join(lines[15:]) + "\n")
+    L.seed_everything(0)
+    model = MIM(head=PromptTokensHead(target_cache=str(tmp_path / "cache"), **SMALL), llm=TINY, blip2=TINY,
+                stage="head", learning_rate=3e-3, warmup_steps=0)
+    assert {name.split(".")[0] for name in model.trainable_state_keys()} == {"head"}
+    module = CaptionDataModule(train=[str(tmp_path / "train.jsonl")], val=[str(tmp_path / "held_out.jsonl")],
+                               batch_size=5, num_workers=0, task="generate")
+    trainer = L.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    module.bind(model.data_interface())
+    module.prepare_data()
+    module.setup("fit")
+    before = held_out_mse(model, module)
+    llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    trainer.fit(model, module)
+    after = held_out_mse(model, module)
+    print(f"held-out mse before {before:.4f} after {after:.4f}")
+    assert after < 0.5 * before, (before, after)
+    assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in llm_before.items())  # the LLM stayed frozen
+
+
+def test_gill_options_of_the_prompt_token_head(tmp_path: Path) -> None:
+    gill = PromptTokensHead(target_cache=str(tmp_path), input_residual=True, encoder_layers=2, loss="l2",
+                            query_init_std=1.0, dropout=0.0, trigger_loss_weight=0.5, **SMALL)
+    model = MIM(head=gill, llm=TINY, blip2=TINY)
+    assert model.head.queries.std() > 0.5 and len(model.head.state_encoder.layers) == 2
+    hidden = torch.randn(2, 12, 64)
+    slots = torch.tensor([[0, 2, 8], [1, 3, 8]])
+    states, _ = model.head.encoder_states(hidden, slots)
+    assert states.shape == (2, 8, 32)  # projected to the head's width, then self-attended
+    plain = PromptTokensHead(target_cache=str(tmp_path), **SMALL)
+    MIM(head=plain, llm=TINY, blip2=TINY)
+    shifted = hidden.clone()
+    shifted[0, 2:10] += 1.0
+    assert not torch.allclose(plain.encoder_states(shifted, slots)[0], plain.encoder_states(hidden, slots)[0])
+    residual = PromptTokensHead(target_cache=str(tmp_path), input_residual=True, **SMALL)
+    MIM(head=residual, llm=TINY, blip2=TINY)
+    torch.testing.assert_close(residual.encoder_states(hidden, slots)[0] - plain.encoder_states(hidden, slots)[0],
+                               residual.token_in.detach()[None].expand(2, -1, -1))
+    assert gill.hparams()["init_args"]["encoder_layers"] == 2  # a checkpoint rebuilds it
+    # l2 is GILL's: the Euclidean norm of each token's error, averaged
+    predicted, target = torch.zeros(1, 2, 3), torch.tensor([[[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]]])
+    assert float(regression_loss("l2", predicted, target)) == pytest.approx(3.0)
+    assert float(regression_loss("mse", predicted, target)) == pytest.approx(26 / 6)
+
+
+def test_a_trigger_loss_weight_makes_the_decision_to_draw_its_own_term(tmp_path: Path) -> None:
+    from mim.model import MIM as Model
+
+    torch.manual_seed(0)
+    weighted = Model(head=LanguageDescriptionHead(trigger_loss_weight=0.5), llm=TINY, blip2=TINY).eval()
+    plain = Model(head=LanguageDescriptionHead(), llm=TINY, blip2=TINY).eval()
+    plain.load_state_dict(weighted.state_dict())
+    module = ConversationDataModule(train=[ConversationSource(str(CONVERSATIONS_FILE),
+                                                              image_root=str(sample_image_dir()))],
+                                    batch_size=2, num_workers=0).bind(plain.data_interface())
+    module.setup("fit")
+    batch = plain.data_interface().collate([module.train_set[i] for i in range(3)])
+    with torch.no_grad():
+        split, joint = weighted.losses(batch), plain.losses(batch)
+    start = plain.head.token_ids["<start>"]
+    labels = batch["labels"][:, 1:]
+    logits = plain(batch).logits[:, :-1].detach()
+    trigger = labels == start
+    assert trigger.any() and "trigger_loss" not in joint
+    expected = 0.5 * torch.nn.functional.cross_entropy(logits[trigger], labels[trigger])
+    torch.testing.assert_close(split["trigger_loss"], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.isclose(split["lm_loss"], joint["lm_loss"])

@@ -85,10 +85,21 @@ def test_trailing_user_turn_is_dropped_and_chat_template_is_used(tokenizer, head
     assert "Bye" not in text
 
 
-def test_output_image_without_caption_names_the_record(tokenizer, head) -> None:
+@pytest.mark.parametrize("head_class", ["LanguageDescriptionHead", "QFormerMediumHead", "PromptTokensHead"])
+def test_an_output_image_without_caption_stays_an_image_without_target(head_class: str, tokenizer,
+                                                                       tmp_path: Path) -> None:
+    """Every head alike: no caption, no target; the image stays in the context, counted, never a crash."""
+    import heads
+
+    options = {} if head_class == "LanguageDescriptionHead" else dict(
+        target_cache=str(tmp_path), sdxl={"preset": "tiny"}, hidden_size=32, num_layers=1, num_heads=4)
+    renderer = getattr(heads, head_class)(**options)
     conv = Conversation("no-caption-7", [Turn("user", "Show me"), Turn("assistant", "Here: <image>", ["x.png"])])
-    with pytest.raises(SampleError, match="no-caption-7.*no caption"):
-        render_conversation(conv, tokenizer, head, Q)
+    with pytest.warns(UserWarning, match="record 'no-caption-7': an assistant image has no caption"):
+        sample = render_conversation(conv, tokenizer, renderer, Q)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert sample.images == ["x.png"] and sample.input_ids.count(image_id) == Q
+    assert sample.untargeted == 1 and sample.outputs == [] and sample.branches == []
 
 
 def test_truncation_never_splits_an_image_and_keeps_branches_with_their_image(tokenizer, head) -> None:
@@ -250,7 +261,7 @@ def test_caption_datamodule_renders_pairs_with_templates(interface, tmp_path: Pa
                 for row, lab in zip(batch["input_ids"], batch["labels"])]
     captions = {json.loads(line)["caption"] for line in (tmp_path / "pairs.jsonl").read_text().splitlines()}
     assert all(any(c in text for c in captions) for text in labelled)  # the answer is the caption
-    with pytest.raises(ValueError, match="exactly one <image>"):
+    with pytest.raises(ValueError, match="a caption template has one <image>.*'no image here'"):
         CaptionDataset([], interface, 10, templates=["no image here"])
     with pytest.raises(FileNotFoundError, match="synth ingest"):
         CaptionDataModule(train=[str(tmp_path / "missing.jsonl")], num_workers=0).bind(interface).setup("fit")
@@ -307,6 +318,25 @@ def test_prepare_data_reads_nothing_for_a_head_without_targets(interface, tmp_pa
     assert recorder.seen == sorted({"a rocket standing on the launch pad",
                                     "the hubble deep field showing thousands of distant galaxies",
                                     "close-up of a brick wall", "close-up of the cratered surface of the moon"})
+
+
+def test_generate_task_asks_for_each_caption_and_shows_the_image(interface, tmp_path: Path) -> None:
+    """Head pre-training data: the release's ImageGenerationTemplates; the caption is the output image's."""
+    from datamodules import GENERATION_TEMPLATES, CaptionDataModule
+    from synth.ingest import IngestSource, ingest, write_ingest
+
+    assert len(GENERATION_TEMPLATES) == 20
+    write_ingest(ingest([IngestSource(kind="samples")]), tmp_path)
+    module = CaptionDataModule(train=[str(tmp_path / "pairs.jsonl")], num_workers=0, task="generate").bind(interface)
+    module.setup("fit")
+    pairs = {json.loads(line)["caption"] for line in (tmp_path / "pairs.jsonl").read_text().splitlines()}
+    assert set(module.output_captions()) == pairs  # every caption is an image to draw: the MSE heads' targets
+    conversation, _ = module.train_set.conversation(0)
+    user, assistant = conversation.turns
+    assert assistant.caption_list[0] in user.content and assistant.caption_list[0] in pairs
+    assert not user.image_list and assistant.num_placeholders == 1
+    item = module.train_set[0]
+    assert len(item["sample"].branches) == 1  # the language head learns to write the caption there
 
 
 def test_stage1_resamples_pairs_and_redraws_templates_every_epoch(interface, tmp_path: Path) -> None:
