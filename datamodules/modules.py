@@ -238,7 +238,7 @@ class CaptionDataModule(_BindingDataModule):
                  batch_size: int = 32, num_workers: int = 4, max_length: int = 768,
                  on_error: Literal["raise", "skip"] = "raise", seed: int = 0, samples_per_epoch: int | None = None,
                  truncation: Literal["whole", "released"] = "whole",
-                 task: Literal["caption", "generate"] = "caption"):
+                 task: Literal["caption", "generate"] = "caption", image_root: str | None = None):
         """
         Args:
             train: ``pairs.jsonl`` files written by ``synth ingest``, or ``.tar`` shards / folders of
@@ -257,6 +257,8 @@ class CaptionDataModule(_BindingDataModule):
             task: ``caption`` (stage 1: the image, then its caption) or ``generate`` (head pre-training:
                 a request to draw the caption, then the image, which the head learns to produce; the
                 release's ImageGenerationTemplates).
+            image_root: where relative image paths of pairs files resolve (default: as written, i.e. from
+                the working directory, which is what ``synth ingest`` writes).
         """
         super().__init__(batch_size, num_workers, max_length, on_error, truncation)
         if not train:
@@ -267,6 +269,7 @@ class CaptionDataModule(_BindingDataModule):
         if task not in ("caption", "generate"):
             raise ValueError(f"task must be 'caption' or 'generate', got {task!r}")
         self.task = task
+        self.image_root = image_root
         self.train_files = train
         self.val_files = val or []
         self.templates = templates
@@ -282,7 +285,7 @@ class CaptionDataModule(_BindingDataModule):
             return shard_pairs
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such pairs file (write one with `synth ingest`)")
-        return list(read_pairs(path))
+        return list(read_pairs(path, self.image_root))
 
     def _read(self, files: list[str]) -> Dataset:
         pairs = [pair for path in files for pair in self._pairs(path)]

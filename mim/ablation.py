@@ -1,21 +1,25 @@
-"""The head ablation (paper section 5.1): train each head on the same data and seed, then compare.
+"""The head ablation (paper section 5.1): the three heads under one training budget, scored one way.
 
-For every config (they differ only in ``model.head``) the command trains with
-``mim fit``'s machinery, then probes image generation on held-out contexts:
-at each assistant image, the head is made to produce the image there, several
-times (``continuations``, different seeds; the language head also samples its
-caption). It reports
+For every config (stage-2 configs that differ only in ``model.head``):
 
-- training curves and the final training / validation loss terms;
-- CLIP score (torchmetrics) between generated images and the reference caption;
-- diversity: the mean pairwise cosine distance between the CLIP embeddings of
-  one context's images, and the share of distinct conditions.
+1. head pre-training (``pretrain``, ``stage: head``): the LLM frozen, the head
+   learns to draw from caption requests (the release's image-generation
+   templates over image-caption pairs), as GILL pre-trains its mapper. Every
+   head gets the same data and steps, the language head included (its token
+   rows learn when to open a caption), so the three start level;
+2. stage 2 from that checkpoint (``init_from``), same data, seed and steps;
+3. :mod:`mim.evaluate` on held-out conversations (text, when to draw, images);
+4. a fixed-context probe: at held-out points where the reference shows an
+   image, the head is made to draw there ``continuations`` times. An MSE head
+   asks SDXL for one condition per context by construction (its condition is
+   a function of the context), which the report states as such; the language
+   head samples descriptions, and the probe measures how different the images
+   are.
 
-The paper's one-to-many argument predicts the MSE heads regress to one
-average condition per context (distinct-condition share 1/K) while the
-language head samples different descriptions. With tiny random models on a
-CPU the numbers only show that the machinery works; with real checkpoints on
-GPUs this is the paper's experiment.
+The report states each head's budget: steps, samples seen, trainable
+parameters and learning rates per phase, and wall time. With tiny random
+models on a CPU it shows the machinery; with the paper's models and data on
+GPUs it is the paper's experiment (configs/ablation/paper/).
 """
 
 from __future__ import annotations
@@ -23,31 +27,13 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
-from itertools import combinations
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from synth.zoo import ModelSource
-
-
-class _TensorFeatures(nn.Module):
-    """A CLIP model whose get_*_features return tensors, as torchmetrics expects
-    (transformers 5 returns model outputs with the projection in ``pooler_output``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.config = model, model.config
-
-    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
-        output = self.model.get_image_features(*args, **kwargs)
-        return getattr(output, "pooler_output", output)
-
-    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
-        output = self.model.get_text_features(*args, **kwargs)
-        return getattr(output, "pooler_output", output)
 
 
 @dataclass
@@ -84,42 +70,36 @@ def probe_contexts(datamodule, limit: int) -> list[Context]:
     return contexts
 
 
-def pairwise_distance(features: torch.Tensor) -> float:
-    """Mean cosine distance over all pairs of rows."""
-    features = torch.nn.functional.normalize(features.float(), dim=-1)
-    pairs = list(combinations(range(features.shape[0]), 2))
-    if not pairs:
-        return 0.0
-    return float(sum(1 - features[i] @ features[j] for i, j in pairs) / len(pairs))
-
-
-def evaluate_head(model, contexts: list[Context], sdxl, clip, continuations: int, settings) -> dict:
-    import numpy as np
-    from torchmetrics.multimodal.clip_score import CLIPScore
-
+def probe_head(model, contexts: list[Context], sdxl, clip, continuations: int, settings) -> dict[str, Any]:
+    """Draw ``continuations`` images at each fixed context; CLIP score, diversity, how many distinct conditions."""
+    from mim.clip_metrics import ClipMetrics, pairwise_distance
+    from mim.evaluate import condition_fingerprint
     from mim.generation import InterleavedGenerator
 
     generator = InterleavedGenerator(model, sdxl)
-    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(clip.model), clip.processor))
-    diversities, distinct = [], []
+    metrics = ClipMetrics(clip)
+    images, captions, diversities, distinct, kinds = [], [], [], [], set()
     for context in contexts:
-        images, conditions = [], []
+        drawn, prints = [], []
         for k in range(continuations):
-            settings.seed = k
-            part, condition = generator.image_at(context.messages, context.assistant_prefix, settings)
-            images.append(part.image)
-            conditions.append(condition.prompt if condition.prompt is not None else
-                              tuple(condition.prompt_embeds.flatten()[:64].tolist()))
-        pixels = torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images])
-        metric.update(pixels, [context.caption] * len(images))
-        inputs = clip.processor(images=images, return_tensors="pt")
-        with torch.no_grad():
-            features = _TensorFeatures(clip.model).get_image_features(pixel_values=inputs["pixel_values"])
-        diversities.append(pairwise_distance(features))
-        distinct.append(len(set(conditions)) / len(conditions))
-    return {"clip_score": float(metric.compute()) if contexts else float("nan"),
-            "image_diversity": sum(diversities) / max(1, len(diversities)),
-            "distinct_conditions": sum(distinct) / max(1, len(distinct)), "contexts": len(contexts)}
+            part, condition = generator.image_at(context.messages, context.assistant_prefix,
+                                                 replace(settings, seed=k))
+            drawn.append(part.image)
+            prints.append(condition_fingerprint(condition))
+            kinds.add(part.condition)
+        images += drawn
+        captions += [context.caption] * len(drawn)
+        diversity = pairwise_distance(metrics.image_features(drawn))
+        if diversity is not None:
+            diversities.append(diversity)
+        distinct.append(len(set(prints)) / len(prints))
+    share = sum(distinct) / max(1, len(distinct))
+    deterministic = kinds == {"embeddings"}
+    return {"probe_contexts": len(contexts), "probe_clip_score": metrics.clip_score(images, captions),
+            "probe_image_diversity": sum(diversities) / len(diversities) if diversities else None,
+            "probe_distinct_conditions": share,
+            "probe_conditions": ("one per context, by construction: the head's condition is a function of the "
+                                 "context" if deterministic else f"sampled: {share:.2f} distinct per context")}
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -132,58 +112,123 @@ def last_value(rows: list[dict[str, float]], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def run_ablation(configs: list[str], out_dir: str = "runs/ablation", sdxl: ModelSource | None = None,
-                 clip: ModelSource | None = None, continuations: int = 4, max_contexts: int = 8,
-                 num_inference_steps: int = 40, image_size: int = 1024, top_p: float = 0.9,
-                 max_steps: int | None = None) -> int:
-    """Train each head config on the same data and seed, probe its images, write a report.
+def _budget(cli, seconds: float) -> dict[str, Any]:
+    """What one training phase gave a head: steps, samples, parameters, learning rates, time."""
+    model, trainer, data = cli.model, cli.trainer, cli.datamodule
+    hp = model.hparams
+    parts = sorted({model.part_of(name) for name in model.trainable_state_keys()})
+    return {"stage": model.stage, "steps": trainer.global_step,
+            "samples": trainer.global_step * data.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "learning_rates": {part: hp.part_learning_rates.get(part, hp.learning_rate) for part in parts},
+            "seconds": round(seconds, 1)}
+
+
+def _fit(args: list[str], run_dir: Path, name: str, max_steps: int | None):
+    from mim.cli import lightning_cli
+
+    args = [*args, f"--trainer.default_root_dir={run_dir}",
+            f"--trainer.logger={{class_path: lightning.pytorch.loggers.CSVLogger, "
+            f"init_args: {{save_dir: {run_dir}, name: {name}, version: 0}}}}",
+            "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
+    if max_steps is not None:
+        args.append(f"--trainer.max_steps={max_steps}")
+    start = time.perf_counter()
+    cli = lightning_cli(["fit", *args])
+    return cli, time.perf_counter() - start
+
+
+def _head_of(config: str) -> str:
+    """The config's ``model.head`` as a flag value (resolved YAML)."""
+    from omegaconf import OmegaConf
+
+    from datamodules.resolvers import register_resolvers
+
+    register_resolvers()
+    head = OmegaConf.to_container(OmegaConf.load(config).model.head, resolve=True)
+    return json.dumps(head)
+
+
+def run_ablation(configs: list[str], out_dir: str = "runs/ablation", pretrain: str | None = None,
+                 eval_data: list[str] | None = None, eval_image_root: str | None = None,
+                 sdxl: ModelSource | None = None, clip: ModelSource | None = None, continuations: int = 4,
+                 max_contexts: int = 8, num_inference_steps: int = 40, image_size: int = 1024, top_p: float = 0.9,
+                 max_new_tokens: int = 64, max_steps: int | None = None, pretrain_max_steps: int | None = None,
+                 eval_max_cases: int | None = None, batch_size: int = 8, image_bias: float = 0.0) -> int:
+    """Pre-train each head, train it, evaluate it with mim evaluate, probe its images, write a report.
 
     Args:
-        configs: ``mim fit`` configs that differ only in ``model.head`` (configs/ablation/*.yaml).
-        out_dir: where runs, images and the report (report.md, report.json, *.png) go.
+        configs: ``mim fit`` stage-2 configs that differ only in ``model.head`` (configs/ablation/*.yaml).
+        out_dir: where runs, answers, images and the report (report.md, report.json, *.png) go.
+        pretrain: a head pre-training config (``stage: head``) run first for every head, with that head.
+        eval_data: held-out conversation files for ``mim evaluate`` (default: the configs' val files).
+        eval_image_root: where their image paths resolve.
         sdxl: the SDXL that draws the images (default SDXL base 1.0; ``{preset: tiny}`` on a CPU).
-        clip: the CLIP for CLIP score and diversity (default openai/clip-vit-large-patch14).
-        continuations: images per context (the one-to-many probe).
+        clip: the CLIP for the image metrics (default openai/clip-vit-large-patch14).
+        continuations: images per fixed context in the probe (the one-to-many probe).
         max_contexts: held-out contexts to probe.
         num_inference_steps: SDXL steps.
         image_size: SDXL image size.
-        top_p: nucleus sampling for the language head's captions.
-        max_steps: override the configs' trainer.max_steps (same for every head).
+        top_p: nucleus sampling while evaluating and probing.
+        max_new_tokens: tokens per evaluated answer.
+        max_steps: override the configs' stage-2 trainer.max_steps (same for every head).
+        pretrain_max_steps: override the pre-training config's trainer.max_steps.
+        eval_max_cases: evaluate only this many held-out turns.
+        batch_size: turns generated together while evaluating.
+        image_bias: added to each head's trigger logit while evaluating (the same for every head; tiny
+            models that never draw can still be compared on images).
     """
-    from mim.cli import lightning_cli
-    from mim.generation import GenerationSettings
+    from mim.evaluate import ModelResponder, evaluate_cases, replay_cases
+    from mim.generation import GenerationSettings, trigger_bias
     from synth.zoo import DEFAULT_SDXL, build_clip, build_sdxl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sdxl_pipeline = build_sdxl(sdxl if sdxl is not None else ModelSource(pretrained=DEFAULT_SDXL))
     clip_bundle = build_clip(clip if clip is not None else ModelSource(pretrained="openai/clip-vit-large-patch14"))
+    settings = GenerationSettings(do_sample=True, top_p=top_p, num_inference_steps=num_inference_steps,
+                                  image_size=image_size, max_new_tokens=max_new_tokens)
     results: dict[str, dict] = {}
     curves: dict[str, list[dict[str, float]]] = {}
     for config in configs:
         name = Path(config).stem
         run_dir = out / name
-        args = ["fit", "--config", config, f"--trainer.default_root_dir={run_dir}",
-                f"--trainer.logger={{class_path: lightning.pytorch.loggers.CSVLogger, "
-                f"init_args: {{save_dir: {run_dir}, name: logs, version: 0}}}}",
-                "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
-        if max_steps is not None:
-            args.append(f"--trainer.max_steps={max_steps}")
-        start = time.perf_counter()
-        cli = lightning_cli(args)
-        seconds = time.perf_counter() - start
+        budget = []
+        init_args: list[str] = []
+        if pretrain:
+            cli, seconds = _fit(["--config", pretrain, f"--model.head={_head_of(config)}"], run_dir, "pretrain",
+                                pretrain_max_steps)
+            budget.append(_budget(cli, seconds))
+            cli.trainer.save_checkpoint(run_dir / "pretrain.ckpt")
+            init_args = [f"--model.init_from={run_dir / 'pretrain.ckpt'}"]
+        cli, seconds = _fit(["--config", config, *init_args], run_dir, "logs", max_steps)
+        budget.append(_budget(cli, seconds))
         rows = read_metrics(Path(cli.trainer.logger.log_dir) / "metrics.csv")
         curves[name] = rows
-        settings = GenerationSettings(do_sample=True, top_p=top_p, num_inference_steps=num_inference_steps,
-                                      image_size=image_size)
-        contexts = probe_contexts(cli.datamodule, max_contexts)
-        metrics = evaluate_head(cli.model, contexts, sdxl_pipeline, clip_bundle, continuations, settings)
-        head_terms = sorted({k for row in rows for k in row if k.startswith(("train/", "val/"))})
-        results[name] = {"head": cli.model.hparams.head["class_path"], "train_seconds": round(seconds, 1),
-                         **{term: last_value(rows, term) for term in head_terms}, **metrics}
+        model = cli.model.eval()
+        datamodule = cli.datamodule
+        head_settings = replace(settings, logit_bias=trigger_bias(model.head, image_bias))
+        data = eval_data or [s.path for s in (datamodule.val_sources or datamodule.train_sources)]
+        root = eval_image_root or next((s.image_root for s in (datamodule.val_sources or datamodule.train_sources)),
+                                       None)
+        cases, _ = replay_cases(data, root, max_cases=eval_max_cases)
+        evaluation = evaluate_cases(cases, ModelResponder(model, sdxl_pipeline, settings=head_settings),
+                                    run_dir / "eval", clip_bundle, batch_size=batch_size)
+        probe = probe_head(model, probe_contexts(datamodule, max_contexts), sdxl_pipeline, clip_bundle,
+                           continuations, settings)
+        terms = sorted({k for row in rows for k in row if k.startswith(("train/", "val/"))})
+        tiny = any((model.hparams[part] or {}).get("preset") for part in ("llm", "blip2"))
+        results[name] = {"head": model.hparams.head["class_path"], "budget": budget, "tiny_models": tiny,
+                         **{term: last_value(rows, term) for term in terms},
+                         "text": evaluation["text"], "drawing": evaluation["drawing"], "images": evaluation["images"],
+                         **probe}
     write_report(out, results, curves, continuations)
     print(f"ablation report: {out / 'report.md'}")
     return 0
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
 
 def write_report(out: Path, results: dict[str, dict], curves: dict[str, list[dict[str, float]]],
@@ -201,32 +246,46 @@ def write_report(out: Path, results: dict[str, dict], curves: dict[str, list[dic
             axes.plot(*zip(*points), label=name)
     axes.set_xlabel("step")
     axes.set_ylabel("train/loss")
-    axes.set_title("Training loss by head")
+    axes.set_title("Stage-2 training loss by head")
     axes.legend()
     figure.tight_layout()
     figure.savefig(out / "training_curves.png")
     plt.close(figure)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5), dpi=100)
     names = list(results)
-    left.bar(names, [results[n]["clip_score"] for n in names])
-    left.set_title("CLIP score vs reference caption")
-    right.bar(names, [results[n]["image_diversity"] for n in names])
-    right.set_title(f"Image diversity over {continuations} samples")
-    for axis in (left, right):
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(11, 3.5), dpi=100)
+    left.bar(names, [results[n]["drawing"]["f1"] or 0 for n in names])
+    left.set_title("When to draw (F1)")
+    middle.bar(names, [(results[n]["images"] or {}).get("clip_score_reference_caption") or 0 for n in names])
+    middle.set_title("CLIP score vs reference caption")
+    right.bar(names, [results[n]["probe_image_diversity"] or 0 for n in names])
+    right.set_title(f"Probe: diversity over {continuations} images")
+    for axis in (left, middle, right):
         axis.tick_params(axis="x", rotation=20)
     figure.tight_layout()
     figure.savefig(out / "generation.png")
     plt.close(figure)
-    columns = ["head", "train/loss", "val/lm_loss", "val/loss", "clip_score", "image_diversity",
-               "distinct_conditions", "contexts", "train_seconds"]
-    lines = ["# Head ablation", "", "| config | " + " | ".join(columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    notes = ["> computed with tiny random-weight models: the numbers show the machinery works, not which head is "
+             "better", ""] if any(row.get("tiny_models") for row in results.values()) else []
+    lines = ["# Head ablation", "", *notes, "## Training budget", "",
+             "| config | phase | steps | samples | trainable parameters | learning rates | seconds |", "|---|---|---|---|---|---|---|"]
     for name, row in results.items():
-        cells = [f"{row.get(c):.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for phase in row["budget"]:
+            rates = ", ".join(f"{part} {rate:g}" for part, rate in phase["learning_rates"].items())
+            lines.append(f"| {name} | {phase['stage']} | {phase['steps']} | {phase['samples']} | "
+                         f"{phase['trainable_parameters']:,} | {rates} | {phase['seconds']} |")
+    lines += ["", "## Results", "", "| config | train/loss | val/loss | BLEU-4 | ROUGE-L | draw F1 | CLIP vs caption "
+              "| CLIP vs reference image | probe diversity | conditions at a fixed context |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in results.items():
+        images = row["images"] or {}
+        cells = [row.get("train/loss"), row.get("val/loss"), row["text"]["bleu4"], row["text"]["rougeL"],
+                 row["drawing"]["f1"], images.get("clip_score_reference_caption"),
+                 images.get("clip_image_similarity_to_reference"), row["probe_image_diversity"], row["probe_conditions"]]
+        lines.append(f"| {name} | " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", "![training curves](training_curves.png)", "", "![generation](generation.png)", "",
-              f"CLIP score: torchmetrics CLIPScore between each generated image and the reference caption. "
-              f"Diversity: mean pairwise cosine distance between CLIP image embeddings of the {continuations} "
-              "images made for one context. Distinct conditions: share of different SDXL conditions among them "
-              "(1/K means the head always asks for the same image)."]
+              "Every head got the budget above: the same head pre-training (caption requests, LLM frozen) and "
+              "the same stage-2 data, seed and steps. Text, drawing and image metrics are `mim evaluate`'s on the "
+              f"held-out conversations (each head's `eval/`). The probe draws {continuations} images at fixed "
+              "held-out contexts: an MSE head's condition there is one per context by construction, which is the "
+              "one-to-many argument of section 5.1; the language head samples its descriptions."]
     (out / "report.md").write_text("\n".join(lines) + "\n")

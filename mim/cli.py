@@ -18,6 +18,7 @@ def _functions() -> dict:
     """The non-Lightning commands: name -> function whose signature and docstring are its flags."""
     from mim.ablation import run_ablation
     from mim.convert import convert
+    from mim.evaluate import evaluate
     from mim.quickstart import quickstart
     from mim.serve import serve
     from mim.terminal import chat
@@ -38,7 +39,7 @@ def _functions() -> dict:
         return 0
 
     return {"quickstart": quickstart, "ablation": run_ablation, "chat": chat, "serve": serve, "convert": convert,
-            "export": export}
+            "export": export, "evaluate": evaluate}
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):

@@ -17,6 +17,8 @@ token is never sampled.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +95,28 @@ class GenerationResult:
         return [p.image for p in self.parts if isinstance(p, ImagePart)]
 
 
+@functools.cache
+def _cache_argument(decoder_class: type) -> str:
+    """The decoder's name for the KV cache: ``cache`` (transformers >= 5.20), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
+def decoder_step(model, embeds: torch.Tensor, positions: torch.Tensor, cache, attention_mask=None):
+    """One pass of the LLM's decoder over new embeddings (B, W, H) at ``positions`` (B, W), appending to
+    ``cache``; returns the last hidden states (B, W, H) and the cache."""
+    decoder = model.llm.get_decoder()
+    name = _cache_argument(type(decoder))
+    output = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=attention_mask,
+                     use_cache=True, **{name: cache})
+    return output.last_hidden_state, getattr(output, name)
+
+
+def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Float logits (..., V) for the next token from last hidden states (..., H), the head's rows included."""
+    logits = model.llm.get_output_embeddings()(hidden)
+    return model.head.adjust_logits(hidden, logits).float()
+
+
 class _Context:
     """The LLM's running state: KV cache, length, and every last-layer hidden state so far."""
 
@@ -108,15 +132,11 @@ class _Context:
         """Append embeddings (n, H) to the context."""
         n = embeds.shape[0]
         positions = torch.arange(self.length, self.length + n, device=embeds.device)[None]
-        decoder = self.model.llm.get_decoder()
-        output = decoder(inputs_embeds=embeds[None], position_ids=positions, past_key_values=self.cache,
-                         use_cache=True)
-        self.cache = output.past_key_values
-        hidden = output.last_hidden_state[0]  # (n, H)
+        hidden, self.cache = decoder_step(self.model, embeds[None], positions, self.cache)
+        hidden = hidden[0]  # (n, H)
         self.hidden.append(hidden)
         self.length += n
-        logits = self.model.llm.get_output_embeddings()(hidden[-1:])
-        self.last_logits = self.model.head.adjust_logits(hidden[-1:][None], logits[None])[0, -1].float()
+        self.last_logits = next_token_logits(self.model, hidden[-1:][None])[0, -1]
 
     def rewind(self, length: int) -> None:
         """Forget everything after ``length`` (a caption branch)."""

@@ -125,11 +125,23 @@ def open_image(ref: str, max_pixels: int = DEFAULT_MAX_PIXELS):
     return decode_image(read_image_bytes(ref), max_pixels, ref)
 
 
-def read_pairs(path: str | os.PathLike[str]) -> Iterator[ImagePair]:
+def read_pairs(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> Iterator[ImagePair]:
+    """Pairs of a JSONL file: ``synth ingest``'s ``pairs.jsonl``, or any file of ``{"image", "caption"}``
+    lines (``id`` and ``source`` are filled in when absent). ``image_root``: where relative image paths
+    resolve (paths inside tar shards and absolute paths are kept as they are)."""
     with open(path, encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                yield ImagePair(**json.loads(line))
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("image"), str) or \
+                    not isinstance(record.get("caption"), str):
+                raise ValueError(f"{path}:{number}: a pair needs string 'image' and 'caption' fields, got {line[:200]!r}")
+            image = record["image"]
+            if image_root is not None and TAR_SEPARATOR not in image and not os.path.isabs(image):
+                image = str(Path(image_root) / image)
+            yield ImagePair(id=str(record.get("id") or pair_id(image.encode(), record["caption"])), image=image,
+                            caption=record["caption"], source=str(record.get("source") or f"{path}:{number}"))
 
 
 def write_pairs(path: str | os.PathLike[str], pairs: Iterable[ImagePair]) -> int:

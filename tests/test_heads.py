@@ -147,21 +147,24 @@ def test_mse_head_checkpoint_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.losses(batch)["loss"], model.losses(batch)["loss"])
 
 
-def test_ablation_configs_differ_only_in_the_head() -> None:
-    configs = {path.stem: yaml.safe_load(path.read_text()) for path in (REPO / "configs" / "ablation").glob("*.yaml")
-               if path.stem != "run_tiny"}
+@pytest.mark.parametrize("folder", ["ablation", "ablation/paper"])
+def test_ablation_configs_differ_only_in_the_head(folder: str) -> None:
+    directory = REPO / "configs" / folder
+    configs = {path.stem: yaml.safe_load(path.read_text()) for path in directory.glob("*.yaml")
+               if not path.stem.startswith(("run", "pretrain"))}
     assert set(configs) == {"language", "qformer_medium", "prompt_tokens"}
     heads = {name: config["model"].pop("head")["class_path"] for name, config in configs.items()}
     assert heads == {"language": "heads.LanguageDescriptionHead", "qformer_medium": "heads.QFormerMediumHead",
                      "prompt_tokens": "heads.PromptTokensHead"}
     first, *rest = configs.values()
     assert all(config == first for config in rest)
-    run = yaml.safe_load((REPO / "configs" / "ablation" / "run_tiny.yaml").read_text())
+    run = yaml.safe_load(next(directory.glob("run*.yaml")).read_text())
     assert sorted(Path(p).stem for p in run["configs"]) == sorted(configs)
+    assert yaml.safe_load((REPO / run["pretrain"]).read_text())["model"]["stage"] == "head"
 
 
 @pytest.mark.slow
-def test_ablation_command_writes_the_report_with_plots(tmp_path: Path) -> None:
+def test_ablation_command_writes_the_report_with_budgets_evaluation_and_probe(tmp_path: Path) -> None:
     import json
     import subprocess
     import sys
@@ -169,17 +172,28 @@ def test_ablation_command_writes_the_report_with_plots(tmp_path: Path) -> None:
     mim = Path(sys.executable).parent / "mim"
     result = subprocess.run([str(mim), "ablation", "--config", str(REPO / "configs" / "ablation" / "run_tiny.yaml"),
                              "--out_dir", str(tmp_path), "--max_contexts", "2", "--continuations", "3",
-                             "--max_steps", "6"], capture_output=True, text=True, cwd=REPO, timeout=600)
+                             "--max_steps", "6", "--pretrain_max_steps", "4", "--eval_max_cases", "3"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) == {"language", "qformer_medium", "prompt_tokens"}
-    for row in report.values():
-        assert row["contexts"] == 2 and row["clip_score"] >= 0 and "train/loss" in row
-    # the one-to-many probe: an MSE head asks SDXL for one condition per context, whatever the sample
-    assert report["qformer_medium"]["distinct_conditions"] == pytest.approx(1 / 3)
-    assert report["language"]["distinct_conditions"] > 1 / 3
+    budgets = {name: [(p["stage"], p["steps"], p["samples"]) for p in row["budget"]] for name, row in report.items()}
+    assert budgets["language"] == budgets["qformer_medium"] == budgets["prompt_tokens"] == [
+        ("head", 4, 16), ("instruction", 6, 12)]  # the same budget for every head
+    for name, row in report.items():
+        assert row["probe_contexts"] == 2 and "train/loss" in row
+        assert row["drawing"]["turns"] == 3 and row["text"]["bleu4"] is not None
+        assert row["images"]["images_generated"] > 0 and row["images"]["clip_score_reference_caption"] is not None
+        assert all(p["trainable_parameters"] > 0 for p in row["budget"])
+    # the one-to-many probe: an MSE head's condition is one per context, whatever the seed
+    for mse in ("qformer_medium", "prompt_tokens"):
+        assert report[mse]["probe_distinct_conditions"] == pytest.approx(1 / 3)
+        assert report[mse]["probe_conditions"].startswith("one per context, by construction")
+    assert report["language"]["probe_conditions"].startswith("sampled")
     assert {p.name for p in tmp_path.glob("*.png")} == {"training_curves.png", "generation.png"}
-    assert "| language |" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "## Training budget" in text and "| language | head | 4 | 16 |" in text
+    assert (tmp_path / "language" / "eval" / "eval.json").is_file()
 
 
 def test_an_mse_head_trains_on_a_batch_with_a_caption_less_image(tmp_path: Path) -> None:
