@@ -142,7 +142,7 @@ def _head_of(config: str) -> str:
     """The config's ``model.head`` as a flag value (resolved YAML)."""
     from omegaconf import OmegaConf
 
-    from datamodules.resolvers import register_resolvers
+    from synth.resolvers import register_resolvers
 
     register_resolvers()
     head = OmegaConf.to_container(OmegaConf.load(config).model.head, resolve=True)

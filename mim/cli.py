@@ -47,7 +47,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    from datamodules.resolvers import register_resolvers
+    from synth.resolvers import register_resolvers
     from mim.model import MIM
 
     register_resolvers()
@@ -68,11 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "--help"
     if command in LIGHTNING_COMMANDS:
-        lightning_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
+        from omegaconf.errors import OmegaConfBaseException
+
+        from synth.resolvers import config_error_message
+
+        try:
+            lightning_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
+        except OmegaConfBaseException as error:  # a config that cannot resolve, e.g. a missing package
+            print(f"mim {command}: {config_error_message(error)}", file=sys.stderr)
+            sys.exit(2)
         return
     from jsonargparse import CLI
 
-    from datamodules.resolvers import register_resolvers
+    from synth.resolvers import register_resolvers
 
     functions = _functions()
     if command in ("-h", "--help"):

@@ -26,6 +26,7 @@ import torch
 
 from datamodules.rendering import IMAGE_TOKEN, TextEncoder
 from heads.base import SDXLCondition
+from synth.decoding import nucleus_sample
 from synth.schema import IMAGE_PLACEHOLDER, escape_control_tokens, escape_placeholders
 
 
@@ -218,12 +219,7 @@ class InterleavedGenerator:
             logits[banned] = float("-inf")
         if not settings.do_sample:
             return int(logits.argmax())
-        probabilities = torch.softmax(logits / max(settings.temperature, 1e-5), dim=-1)
-        ordered, order = probabilities.sort(descending=True)
-        keep = ordered.cumsum(0) - ordered < settings.top_p  # the smallest set reaching top_p
-        ordered = ordered * keep
-        choice = torch.multinomial(ordered / ordered.sum(), 1, generator=generator)
-        return int(order[choice])
+        return nucleus_sample(logits, settings.temperature, settings.top_p, generator)
 
     # --- images ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from synth.samples import CONVERSATIONS_FILE, LLAVA_CONVERSATIONS_FILE, sample_i
 from synth.schema import Conversation
 from synth.stats import describe
 from synth.zoo import ModelSource, build_blip2, build_clip, build_llm, build_sdxl
+from synth.zoo.llm import chat_template_name
 
 PARTS = ("llm", "blip2", "clip", "sdxl")
 
@@ -30,8 +31,15 @@ def load_model_sources(path: Path | None) -> dict[str, ModelSource]:
     if path is None:
         return {part: ModelSource(preset="tiny") for part in PARTS}
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    from synth.resolvers import config_error_message, register_resolvers
+
+    register_resolvers()
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OmegaConfBaseException, ValueError) as error:  # e.g. ${package_dir:...} of a missing package
+        raise ValueError(f"{path}: {config_error_message(error)}") from None
     if not isinstance(raw, dict) or set(raw) != set(PARTS):
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{path}: expected exactly the keys {list(PARTS)}, found {found}")
@@ -99,7 +107,7 @@ def exercise_models(sources: dict[str, ModelSource], conversations: list[Convers
     messages = [{"role": t.role, "content": t.content} for t in first.turns]
     ids = llm.tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt", return_dict=True)
     output = llm.model(input_ids=ids["input_ids"], labels=ids["input_ids"])
-    print(f"  LLM: {ids['input_ids'].shape[1]} tokens (Llama-2 chat template) -> logits "
+    print(f"  LLM: {ids['input_ids'].shape[1]} tokens ({chat_template_name(llm.tokenizer)}) -> logits "
           f"{tuple(output.logits.shape)}, LM loss {output.loss.item():.3f} "
           f"(ln|V| = {torch.log(torch.tensor(float(len(llm.tokenizer)))).item():.3f} is chance); "
           f"{_parameters(llm.model)}")

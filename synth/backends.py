@@ -193,4 +193,8 @@ def build_backend(name: str, **settings) -> ChatBackend:
         return OfflineComposer()
     if name == "openai":
         return OpenAIChatBackend(**settings)
-    raise ValueError(f"generate.backend must be 'openai' or 'offline', got {name!r}")
+    if name == "local":
+        from synth.local_backend import LocalChatBackend
+
+        return LocalChatBackend(**settings)
+    raise ValueError(f"generate.backend must be 'openai', 'local' or 'offline', got {name!r}")

@@ -56,10 +56,16 @@ class SampleConfig:
 
 @dataclass
 class GenerateConfig:
-    backend: str = "openai"  # openai (any OpenAI-compatible endpoint) or offline (rule-based composer)
+    # openai (any OpenAI-compatible endpoint), local (a causal LM in this process) or offline (rule-based composer)
+    backend: str = "openai"
     model: str = "gpt-4"  # section 4.1
     base_url: str | None = None  # e.g. http://localhost:8000/v1 for vLLM; None: api.openai.com
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from files
+    # backend local: the model as a source mapping ({pretrained: DIR, options: {gguf_file: F}, dtype: ...});
+    # None: generate.model as a hub id or directory
+    local: Any = None
+    device: str | None = None  # backend local: cuda or cpu (default: cuda when available)
+    batch_size: int = 8  # backend local: groups per forward (concurrency should be at least this)
     temperature: float = 1.0  # section 4.1
     top_p: float = 1.0  # section 4.1
     max_tokens: int = 2048
@@ -93,6 +99,10 @@ class FilterConfig:
     require_image: bool = True  # released process_mim.py: has_image
     drop_duplicate_responses: bool = True  # released process_mim.py: repeat_response
     drop_trailing_user_turn: bool = True  # nothing to learn after the last user message
+    # speaker names the parser accepts (case-insensitive, markdown bold allowed); Appendix A's by default,
+    # e.g. [Human, User] for open models that write "User:" or "USER:"
+    user_names: list[str] = field(default_factory=lambda: ["Human"])
+    assistant_names: list[str] = field(default_factory=lambda: ["Assistant"])
 
 
 @dataclass
@@ -115,12 +125,15 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from synth.resolvers import config_error_message, register_resolvers
+
+    register_resolvers()
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SynthConfig), OmegaConf.load(path),
                                  OmegaConf.from_dotlist(overrides or []))
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{path}: {config_error_message(error)}") from None
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
     if not config.ingest.sources:

@@ -19,12 +19,21 @@ Rejected (each with a reason and a detail naming the place):
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
 from synth.schema import IMAGE_PLACEHOLDER
 
-_SPEAKER = re.compile(r"^[ \t]*(?:\*\*|__)?[ \t]*(Human|Assistant)[ \t]*(?:\*\*|__)?[ \t]*:[ \t]*(?:\*\*|__)?",
+#: Appendix A's speaker names; models that write "User:"/"USER:" are parsed when those names are configured.
+USER_NAMES, ASSISTANT_NAMES = ("Human",), ("Assistant",)
+
+
+@functools.lru_cache(maxsize=32)
+def _speaker_pattern(names: tuple[str, ...]) -> re.Pattern:
+    """A line that starts a turn: a speaker name and a colon, markdown bold around either allowed."""
+    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    return re.compile(rf"^[ \t]*(?:\*\*|__)?[ \t]*({alternatives})[ \t]*(?:\*\*|__)?[ \t]*:[ \t]*(?:\*\*|__)?",
                       re.MULTILINE | re.IGNORECASE)
 _TAG = re.compile(r"<\s*(/?)\s*img\s*([^>\s]*)\s*>", re.IGNORECASE)
 _TAG_FRAGMENT = re.compile(r"</?\s*img\d*(?![^<]*>)", re.IGNORECASE)
@@ -107,21 +116,28 @@ def _turn_images(text: str, captions: list[str], max_distance: float, where: str
     return content, images
 
 
-def parse_dialogue(text: str, captions: list[str], max_distance: float = 0.1,
-                   norm: str = "caption") -> list[ParsedTurn] | ParseRejection:
-    """The turns of a generated dialogue, or why it is rejected. Never raises on any string."""
+def parse_dialogue(text: str, captions: list[str], max_distance: float = 0.1, norm: str = "caption",
+                   user_names: tuple[str, ...] = USER_NAMES, assistant_names: tuple[str, ...] = ASSISTANT_NAMES,
+                   ) -> list[ParsedTurn] | ParseRejection:
+    """The turns of a generated dialogue, or why it is rejected. Never raises on any string.
+
+    Speaker names match case-insensitively, with markdown bold allowed around them (``**Human:**``);
+    ``user_names``/``assistant_names`` add the names some models write (``User``, ``USER``).
+    """
     if not isinstance(text, str):
         return ParseRejection("no_turns", f"generation is not text: {type(text).__name__}")
-    speakers = list(_SPEAKER.finditer(text))
+    users = {name.lower() for name in user_names}
+    speakers = list(_speaker_pattern(tuple(user_names) + tuple(assistant_names)).finditer(text))
     if not speakers:
-        return ParseRejection("no_turns", "no 'Human:' or 'Assistant:' turn found")
+        names = "/".join(f"'{name}:'" for name in (*user_names, *assistant_names))
+        return ParseRejection("no_turns", f"no {names} turn found")
     preamble = text[:speakers[0].start()]
     if _TAG.search(preamble) or IMAGE_PLACEHOLDER in preamble:
         return ParseRejection("text_outside_turns", "an image appears before the first turn")
     turns: list[ParsedTurn] = []
     seen: dict[int, int] = {}
     for number, match in enumerate(speakers):
-        role = "user" if match.group(1).lower() == "human" else "assistant"
+        role = "user" if match.group(1).lower() in users else "assistant"
         expected = "user" if number % 2 == 0 else "assistant"
         where = f"turn {number + 1} ({match.group(1)})"
         if role != expected:

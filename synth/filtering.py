@@ -47,6 +47,8 @@ class FilterRules:
     require_image: bool = True  # process_mim.py: has_image
     drop_duplicate_responses: bool = True  # process_mim.py: a generation seen before is dropped
     drop_trailing_user_turn: bool = True  # a dialogue may stop after Human (Appendix A): nothing to learn there
+    user_names: tuple[str, ...] = ("Human",)  # Appendix A's; add "User" for models that write User:/USER:
+    assistant_names: tuple[str, ...] = ("Assistant",)
 
 
 def to_conversation(generation: dict[str, Any], rules: FilterRules | float = FilterRules()
@@ -55,7 +57,8 @@ def to_conversation(generation: dict[str, Any], rules: FilterRules | float = Fil
         rules = FilterRules(max_edit_distance=float(rules))
     pairs = generation["pairs"]
     captions = [pair["caption"] for pair in pairs]
-    parsed = parse_dialogue(generation.get("output"), captions, rules.max_edit_distance, rules.edit_distance_norm)
+    parsed = parse_dialogue(generation.get("output"), captions, rules.max_edit_distance, rules.edit_distance_norm,
+                            tuple(rules.user_names), tuple(rules.assistant_names))
     if isinstance(parsed, ParseRejection):
         return parsed
     if len(parsed) < rules.min_messages:
@@ -90,6 +93,29 @@ def _generation(line: str) -> dict[str, Any] | None:
     return record
 
 
+def format_adherence(generations_path: str | os.PathLike[str], rules: FilterRules = FilterRules()
+                     ) -> dict[str, dict[str, Any]]:
+    """Per model: how many outputs parse as a dialogue (format, image tags, descriptions), and why the rest do not."""
+    counts: dict[str, dict[str, Any]] = {}
+    with open(generations_path, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            generation = _generation(line) if line.strip() else None
+            if generation is None:
+                continue
+            entry = counts.setdefault(str(generation.get("model") or "unknown"),
+                                      {"outputs": 0, "parsed": 0, "reasons": Counter()})
+            entry["outputs"] += 1
+            parsed = parse_dialogue(generation.get("output"), [pair["caption"] for pair in generation["pairs"]],
+                                    rules.max_edit_distance, rules.edit_distance_norm, tuple(rules.user_names),
+                                    tuple(rules.assistant_names))
+            if isinstance(parsed, ParseRejection):
+                entry["reasons"][parsed.reason] += 1
+            else:
+                entry["parsed"] += 1
+    return {model: {**entry, "parse_share": round(entry["parsed"] / entry["outputs"], 4),
+                    "reasons": dict(sorted(entry["reasons"].items()))} for model, entry in sorted(counts.items())}
+
+
 def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                        rules: FilterRules | float = FilterRules()) -> dict[str, Any]:
     if not isinstance(rules, FilterRules):
@@ -100,6 +126,7 @@ def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | 
     reasons: Counter[str] = Counter()
     images: dict[str, str] = {}
     seen_outputs: dict[str, str] = {}  # output text -> first group that produced it
+    by_model: dict[str, dict[str, Any]] = {}
     with open(generations_path, encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -112,6 +139,9 @@ def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | 
                                             "output": line[:1000]}, ensure_ascii=False) + "\n")
                 continue
             output = generation.get("output")
+            model = str(generation.get("model") or "unknown")
+            per_model = by_model.setdefault(model, {"generations": 0, "kept": 0, "reasons": Counter()})
+            per_model["generations"] += 1
             if rules.drop_duplicate_responses and isinstance(output, str) and output in seen_outputs:
                 result = ParseRejection("duplicate_response", f"the same output as group {seen_outputs[output]}")
             else:
@@ -120,10 +150,12 @@ def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | 
                     seen_outputs.setdefault(output, generation["group_id"])
             if isinstance(result, ParseRejection):
                 reasons[result.reason] += 1
+                per_model["reasons"][result.reason] += 1
                 rejected.append(json.dumps({"group_id": generation["group_id"], "reason": result.reason,
                                             "detail": result.detail, "output": generation.get("output")},
                                            ensure_ascii=False) + "\n")
                 continue
+            per_model["kept"] += 1
             kept.append(result)
             for pair in generation["pairs"]:
                 images[_image_name(pair)] = pair["image"]
@@ -138,6 +170,9 @@ def filter_generations(generations_path: str | os.PathLike[str], out_dir: str | 
     total = len(kept) + len(rejected)
     summary = {"generations": total, "kept": len(kept), "rejected": len(rejected),
                "kept_share": round(len(kept) / total, 4) if total else 0.0,
-               "reasons": dict(sorted(reasons.items())), "images": len(used), "rules": asdict(rules)}
+               "reasons": dict(sorted(reasons.items())), "images": len(used), "rules": asdict(rules),
+               "by_model": {model: {**counts, "kept_share": round(counts["kept"] / counts["generations"], 4),
+                                    "reasons": dict(sorted(counts["reasons"].items()))}
+                            for model, counts in sorted(by_model.items())}}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -42,7 +42,7 @@ _SPEED_ONLY = {"score": {"batch_size", "num_workers"},
                "generate": {"concurrency", "requests_per_minute", "tokens_per_minute", "max_attempts",
                             "backoff_seconds", "max_backoff_seconds", "timeout", "api_key_env", "prices",
                             "tokenizer", "expected_completion_tokens", "max_cost", "max_tokens_total",
-                            "max_consecutive_failures"}}
+                            "max_consecutive_failures", "batch_size", "device"}}
 
 
 def fingerprint(config: SynthConfig, stage: str) -> dict[str, Any]:
@@ -213,7 +213,24 @@ def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dic
     offline = section.backend == "offline"
     model = "offline" if offline else section.model
     price = None if offline else price_for(section.model, price_table(section.prices))
-    counter = TokenCounter.for_model(model, section.tokenizer)
+    if section.backend == "local":
+        from synth.zoo import ModelSource
+
+        source = ModelSource.parse(section.local if section.local is not None else section.model)
+        settings = dict(source=source, temperature=section.temperature, top_p=section.top_p,
+                        max_tokens=section.max_tokens, batch_size=section.batch_size, device=section.device)
+    elif offline:
+        settings = {}
+    else:
+        settings = dict(model=section.model, base_url=section.base_url, api_key_env=section.api_key_env,
+                        temperature=section.temperature, top_p=section.top_p, max_tokens=section.max_tokens,
+                        timeout=section.timeout)
+    backend = build_backend(section.backend, **settings)
+    if section.backend == "local":  # priced only if the user's table names it: a local model is free by default
+        model = backend.model_name
+        price = price_for(model, price_table(section.prices))
+    counter = TokenCounter(backend.count_tokens, "counted with the local model's tokenizer") \
+        if section.backend == "local" else TokenCounter.for_model(model, section.tokenizer)
     todo = pending_groups(groups, out)
     prompts = [group_prompt(group, seeds, section.num_examples, section.seed)[0] for group in todo]
     expected = min(section.max_tokens, section.expected_completion_tokens)
@@ -221,10 +238,6 @@ def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dic
     if not offline:
         log(f"[generate] before the run: {forecast.describe(model)}")
     budget = Budget(section.max_cost, section.max_tokens_total, price)
-    settings = {} if offline else dict(
-        model=section.model, base_url=section.base_url, api_key_env=section.api_key_env,
-        temperature=section.temperature, top_p=section.top_p, max_tokens=section.max_tokens, timeout=section.timeout)
-    backend = build_backend(section.backend, **settings)
     start = time.perf_counter()
     tally = asyncio.run(generate_groups(
         groups, backend, out, seeds, section.concurrency, section.requests_per_minute, section.tokens_per_minute,
@@ -232,13 +245,18 @@ def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dic
         section.num_examples, section.seed, expected_completion_tokens=expected, budget=budget,
         max_consecutive_failures=section.max_consecutive_failures, count_tokens=counter.count))
     generated = len(read_done(out / "generations.jsonl"))
+    from synth.filtering import FilterRules, format_adherence
+
+    adherence = format_adherence(out / "generations.jsonl", FilterRules(**asdict(config.filter))) \
+        if (out / "generations.jsonl").exists() else {}
     this_run = {"generated": tally.generated, "failed": tally.failed, "attempts": tally.attempts,
+                **({"batch_sizes": backend.batch_sizes} if hasattr(backend, "batch_sizes") else {}),
                 "already_done": tally.already_done, "errors": tally.errors, "prompt_tokens": tally.prompt_tokens,
                 "completion_tokens": tally.completion_tokens, "seconds": round(time.perf_counter() - start, 2)}
     if price is not None:
         this_run["cost_usd"] = round(price.cost(tally.prompt_tokens, tally.completion_tokens), 4)
     summary = {"groups": len(groups), "generated": generated, "outstanding": len(groups) - generated,
-               "this_run": this_run, "backend": section.backend, "model": model,
+               "this_run": this_run, "backend": section.backend, "model": model, "format": adherence,
                "estimate": {"requests": forecast.requests, "prompt_tokens": forecast.prompt_tokens,
                             "completion_tokens": forecast.completion_tokens, "method": forecast.method,
                             **({"cost_usd": round(forecast.cost, 4)} if forecast.cost is not None else {})},
@@ -275,7 +293,7 @@ def run_stats(config: SynthConfig, log: Callable[[str], None] = print) -> dict[s
     filtered = json.loads((stage_dir(config, "filter") / "summary.json").read_text())
     out = stage_dir(config, "stats")
     report: dict[str, Any] = {"rejections": filtered["reasons"], "kept": filtered["kept"],
-                              "rejected": filtered["rejected"]}
+                              "rejected": filtered["rejected"], "by_model": filtered.get("by_model", {})}
     if conversations:
         report |= {"table3": dataset_stats(conversations).as_dict(),
                    "diversity": conversation_diversity(conversations),
@@ -287,6 +305,10 @@ def run_stats(config: SynthConfig, log: Callable[[str], None] = print) -> dict[s
     else:
         text = "No conversation survived the filter.\n"
     text += "Rejected: " + (", ".join(f"{k} {v}" for k, v in filtered["reasons"].items()) or "none") + "\n"
+    for name, counts in report["by_model"].items():  # format adherence of each model that wrote dialogues
+        reasons = ", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"
+        text += (f"Model {name}: kept {counts['kept']} of {counts['generations']} "
+                 f"({100 * counts['kept_share']:.1f}%); rejected: {reasons}\n")
     if filtered["reasons"]:
         plot_counts(filtered["reasons"], "Rejection reasons", "reason", out / "rejections.png")
     atomic_write_text(out / "stats.json", json.dumps(report, indent=2))

