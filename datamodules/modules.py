@@ -15,6 +15,7 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.datasets import CaptionDataset, ConversationDataset, ModelInterface
@@ -138,9 +139,17 @@ class _BindingDataModule(L.LightningDataModule):
     tag_epochs = False
 
     def _loader(self, dataset: Dataset, shuffle: bool, draws: int | None = None) -> DataLoader:
+        """A resumable loader: torchdata's ``StatefulDataLoader``, whose position Lightning saves in every
+        checkpoint and restores with ``--ckpt_path``, so a run killed mid-epoch continues with the very next
+        batch. Its own generator keeps worker seeding off the global random state (which the model's
+        dropout draws from, and which the checkpoint restores)."""
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
         sampler = EpochSampler(dataset, draws=draws, shuffle=shuffle, seed=self.seed, tag_epochs=self.tag_epochs)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=self.interface.collate, persistent_workers=self.num_workers > 0)
+        return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                                  num_workers=self.num_workers, collate_fn=self.interface.collate,
+                                  persistent_workers=self.num_workers > 0,
+                                  generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -61,15 +61,64 @@ class EpochSampler(DistributedSampler):
         return -(-self.draws // self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
-        offset = self.epoch * self.size if self.tag_epochs else 0
+        return _EpochIterator(self, self.epoch)
+
+    def indices(self, epoch: int) -> Iterator[int]:
+        """This rank's indices for ``epoch``: the same seed and epoch give the same sequence."""
+        offset = epoch * self.size if self.tag_epochs else 0
         if self.draws is None:
-            for item in super().__iter__():  # DistributedSampler's shard of a (shuffled) permutation
+            for item in self._permutation_share(epoch):
                 yield offset + item
             return
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 65_537 + self.rank)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 65_537 + self.rank)
         remaining = len(self)
         while remaining:
             count = min(_CHUNK, remaining)
             for item in torch.randint(self.size, (count,), generator=generator).tolist():
                 yield offset + item
             remaining -= count
+
+    def _permutation_share(self, epoch: int) -> list[int]:
+        """DistributedSampler's shard of the epoch's permutation (padded to divide evenly), for any epoch."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        padding = self.total_size - len(order)
+        if padding > 0:
+            order += (order * (padding // len(order) + 1))[:padding]
+        return order[self.rank:self.total_size:self.num_replicas]
+
+
+class _EpochIterator:
+    """An epoch's indices that remember where they are: torchdata's StatefulDataLoader saves
+    ``state_dict()`` in each checkpoint and calls ``load_state_dict`` on resume, which recreates that
+    epoch's sequence (whatever epoch the sampler was set to when the loader was rebuilt) and skips
+    what was already yielded."""
+
+    def __init__(self, sampler: EpochSampler, epoch: int) -> None:
+        self.sampler, self.epoch, self.yielded = sampler, epoch, 0
+        self.items = sampler.indices(epoch)
+
+    def __iter__(self) -> "_EpochIterator":
+        return self
+
+    def __next__(self) -> int:
+        item = next(self.items)
+        self.yielded += 1
+        return item
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
+        if self.yielded >= len(self.sampler):
+            # saved after the epoch's last batch: Lightning resumes into the next epoch with this very
+            # iterator (it sets the sampler's epoch only after asking for it), so it continues there
+            self.epoch, self.yielded = self.epoch + 1, 0
+        self.sampler.set_epoch(self.epoch)
+        self.items = self.sampler.indices(self.epoch)
+        for _ in range(self.yielded):
+            next(self.items)

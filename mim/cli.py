@@ -50,8 +50,13 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from synth.resolvers import register_resolvers
     from mim.model import MIM
 
+    class MIMCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # parts are built in configure_model, under the strategy's context (FSDP: sharded, per rank)
+            parser.set_defaults({"model.lazy": True})
+
     register_resolvers()
-    return LightningCLI(
+    return MIMCLI(
         MIM,
         L.LightningDataModule,
         subclass_mode_data=True,

@@ -39,7 +39,8 @@ def save_directory(model, directory: str | os.PathLike[str], sdxl: dict | None =
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     keep = keys if keys is not None else model.trainable_state_keys()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in keep}
+    with model.full_state():
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in keep}
     with atomic_path(directory / WEIGHTS_FILE) as temporary:
         save_file(state, str(temporary))
     config = {"model": {k: v for k, v in dict(model.hparams).items() if k != "init_from"},
@@ -63,7 +64,7 @@ def load_directory(directory: str | os.PathLike[str], **overrides: Any):
     from mim.model import MIM
 
     config = read_config(directory)
-    model = MIM(**{**config["model"], **overrides})
+    model = MIM(**{**config["model"], "lazy": False, **overrides})
     state = load_file(str(Path(directory) / WEIGHTS_FILE))
     try:
         model.load_state_dict(state, strict=False)  # checks unknown keys and shapes
@@ -72,20 +73,58 @@ def load_directory(directory: str | os.PathLike[str], **overrides: Any):
     return model
 
 
+def is_distributed_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """A folder written by ``torch.distributed.checkpoint`` (FSDP with ``save_distributed_checkpoint``)."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def read_distributed_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The weights and Lightning's metadata of a sharded checkpoint folder, on one process, without the
+    optimizer states (for a fully fine-tuned 7B LLM those are twice the weights)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    reader = FileSystemReader(str(folder))
+    metadata = reader.read_metadata().state_dict_metadata
+    weights = {key.removeprefix("state_dict."): torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+               for key, entry in metadata.items()
+               if key.startswith("state_dict.") and isinstance(entry, TensorStorageMetadata)}
+    target = {"state_dict": weights}
+    _load_state_dict(target, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
+    extra = torch.load(Path(folder) / "meta.pt", map_location="cpu", weights_only=True)
+    return {**extra, "state_dict": target["state_dict"]}
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict: one file, or a sharded folder (see above)."""
+    if is_distributed_checkpoint(path):
+        return read_distributed_checkpoint(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def load_model(path: str | os.PathLike[str], **overrides: Any):
-    """A MIM from a directory (``mim.json``) or a Lightning checkpoint (``.ckpt``)."""
+    """A MIM from a directory (``mim.json``), a Lightning checkpoint (``.ckpt``) or a sharded checkpoint
+    folder (FSDP's ``save_distributed_checkpoint``)."""
     from mim.model import MIM
 
     path = Path(path)
+    if is_distributed_checkpoint(path):
+        checkpoint = read_distributed_checkpoint(path)
+        model = MIM(**{**checkpoint["hyper_parameters"], "init_from": None, "lazy": False, **overrides})
+        model.load_state_dict(checkpoint["state_dict"], strict=False)
+        return model
     if path.is_dir():
         return load_directory(path, **overrides)
     if path.suffix == ".ckpt":
-        return MIM.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
-    raise FileNotFoundError(f"{path}: expected a MIM directory (with {CONFIG_FILE}) or a .ckpt file")
+        return MIM.load_from_checkpoint(path, map_location="cpu", weights_only=True,
+                                        **{"lazy": False, **overrides})
+    raise FileNotFoundError(f"{path}: expected a MIM directory (with {CONFIG_FILE}), a .ckpt file or a sharded "
+                            "checkpoint folder")
 
 
 def export_checkpoint(ckpt: str, out: str, sdxl: dict | None = None, refiner: dict | None = None) -> Path:
-    """Lightning checkpoint -> MIM directory (only the trained weights travel)."""
+    """Lightning checkpoint (file or sharded folder) -> MIM directory (only the trained weights travel)."""
     model = load_model(ckpt)
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return save_directory(model, out, sdxl, refiner, keys=set(checkpoint["state_dict"]))
+    keys = set(read_checkpoint(ckpt)["state_dict"])
+    return save_directory(model, out, sdxl, refiner, keys=keys)

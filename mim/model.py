@@ -21,8 +21,13 @@ loading checks every key against what the stage trains.
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 import lightning as L
 import torch
@@ -32,6 +37,9 @@ from torch import nn
 from datamodules import IMAGE_TOKEN, ModelInterface
 from heads import GenerationHead
 from synth.zoo import DEFAULT_BLIP2, DEFAULT_LLM, ModelSource, build_blip2, build_llm
+from synth.zoo.blip2 import blip2_config, blip2_image_processor
+from synth.zoo.llm import build_llm_tokenizer
+from synth.zoo.source import _DTYPES
 
 Stage = Literal["alignment", "head", "instruction"]
 STAGES = ("alignment", "head", "instruction")
@@ -81,6 +89,8 @@ class MIM(L.LightningModule):
         new_token_init: Literal["mean", "normal"] = "mean",
         gradient_checkpointing: bool = False,
         init_from: str | list[str] | None = None,
+        vision_dtype: str | None = "bfloat16",
+        lazy: bool = False,
     ) -> None:
         """
         Args:
@@ -112,6 +122,12 @@ class MIM(L.LightningModule):
                 for stage 2; stage 1's and then the head pre-training's); a Lightning .ckpt, a MIM
                 directory's weights or a file of the released layout. Unlike ``ckpt_path`` it starts a
                 new run (fresh optimizer and schedule).
+            vision_dtype: dtype of the frozen vision tower (bfloat16: half the memory, as the released code
+                keeps it in half precision); None keeps the source's.
+            lazy: build the parts in :meth:`configure_model` instead of here. Lightning calls that hook
+                inside the strategy's context, so under FSDP (``ModelParallelStrategy``) every rank
+                builds the LLM on the meta device and loads only its own shard; ``mim fit`` sets it.
+                Outside a Trainer, call ``configure_model()`` yourself before use.
         """
         super().__init__()
         # load_from_checkpoint passes the saved plain-data hyperparameters back in
@@ -133,6 +149,8 @@ class MIM(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if new_token_init not in ("mean", "normal"):
             raise ValueError(f"new_token_init must be 'mean' or 'normal', got {new_token_init!r}")
+        if vision_dtype is not None and vision_dtype not in _DTYPES:
+            raise ValueError(f"vision_dtype must be one of {sorted(_DTYPES)} or null, got {vision_dtype!r}")
         llm_source = ModelSource.parse(llm if llm is not None else DEFAULT_LLM)
         blip2_source = ModelSource.parse(blip2 if blip2 is not None else DEFAULT_BLIP2)
         # Plain data only, so a checkpoint reads with torch.load(weights_only=True).
@@ -142,41 +160,85 @@ class MIM(L.LightningModule):
             "betas": tuple(betas), "eps": eps, "warmup_ratio": warmup_ratio, "warmup_steps": warmup_steps,
             "part_learning_rates": dict(part_learning_rates or {}), "part_weight_decays": dict(part_weight_decays or {}),
             "new_token_init": new_token_init, "gradient_checkpointing": gradient_checkpointing, "init_from": init_from,
+            "vision_dtype": vision_dtype,
         })
         self.stage = stage
-
-        language = build_llm(llm_source)
-        vision = build_blip2(blip2_source)
-        self.tokenizer = language.tokenizer
-        self.image_processor = vision.image_processor
-        self.vision_model = vision.vision_model
-        self.qformer = vision.qformer
-        self.query_tokens = vision.query_tokens
-        self.llm = language.model
-        self.head = head
-
-        added = self.tokenizer.add_special_tokens(
+        self.llm_source, self.blip2_source = llm_source, blip2_source
+        # What the datamodules need comes first and costs no weights: the datamodule's setup runs
+        # before Lightning calls configure_model.
+        self.tokenizer = build_llm_tokenizer(llm_source)
+        self.tokenizer.add_special_tokens(
             {"additional_special_tokens": [t for t in (IMAGE_TOKEN, *head.special_tokens)
                                            if t not in self.tokenizer.get_vocab()]})
-        if added or self.llm.get_input_embeddings().num_embeddings < len(self.tokenizer):
-            self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=new_token_init == "mean")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        hidden = self.llm.config.hidden_size
-        self.projection = nn.Linear(vision.qformer_hidden_size, hidden)  # Q-Former space -> LLM embeddings
-        head.bind(self.tokenizer, self.llm.get_input_embeddings().weight, self.llm.get_output_embeddings().weight)
+        vision_config = blip2_config(blip2_source)
+        self._num_query_tokens = vision_config.num_query_tokens
+        self.image_processor = blip2_image_processor(blip2_source)
+        self.head = head
+        self.llm: nn.Module | None = None
+        self.vision_model: nn.Module | None = None
+        self.qformer: nn.Module | None = None
+        self.query_tokens: nn.Parameter | None = None
+        self.projection: nn.Module | None = None
+        self._rng_to_restore: dict | None = None
+        self._keep_frozen = False
+        self.register_state_dict_post_hook(_drop_frozen_parameters)
+        if not lazy:
+            self.configure_model()
 
-        if lora is not None:
-            self.llm = self._with_lora(lora)
-        if gradient_checkpointing:
+    @property
+    def built(self) -> bool:
+        return self.llm is not None
+
+    def configure_model(self) -> None:
+        """Build the LLM, the BLIP-2 parts, the projection and the head's LLM-sized parts, then freeze
+        for the stage and apply ``init_from``. Idempotent: Lightning calls it once per fit/validate."""
+        if self.built:
+            return
+        mesh = _data_parallel_mesh(self)
+        if mesh is not None:
+            from mim.sharding import build_sharded
+
+            build_sharded(self, mesh)
+        else:
+            self._build_parts()
+        self._freeze_for_stage()
+        for path in self.hparams.init_from or []:
+            self.load_trained_weights(path)
+
+    def _build_parts(self) -> None:
+        """Every part, whole, on this process (single device, DDP, DeepSpeed ZeRO-2)."""
+        hp = self.hparams
+        self.llm = build_llm(self.llm_source).model
+        if self.llm.get_input_embeddings().num_embeddings < len(self.tokenizer):
+            self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=hp.new_token_init == "mean")
+        self._build_vision(self.llm.config.hidden_size)
+        self.head.bind(self.tokenizer, self.llm.get_input_embeddings().weight,
+                       self.llm.get_output_embeddings().weight)
+        self._adapt_llm()
+
+    def _build_vision(self, llm_hidden: int) -> None:
+        """The BLIP-2 parts (the frozen tower in ``vision_dtype``) and the projection into the LLM."""
+        vision = build_blip2(self.blip2_source)
+        self.vision_model = vision.vision_model
+        if self.hparams.vision_dtype is not None:
+            self.vision_model.to(_DTYPES[self.hparams.vision_dtype])
+        self.qformer = vision.qformer
+        self.query_tokens = vision.query_tokens
+        self.projection = nn.Linear(vision.qformer_hidden_size, llm_hidden)  # Q-Former space -> LLM embeddings
+
+    def _adapt_llm(self) -> None:
+        """LoRA adapters and activation checkpointing on the built LLM."""
+        hp = self.hparams
+        if hp.lora is not None:
+            self.llm = self._with_lora(LoraSettings(**hp.lora))
+        if hp.gradient_checkpointing:
             # non-reentrant checkpointing lets gradients reach the projection through a frozen LLM (stage 1)
             kwargs = {"use_reentrant": False}
             if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5 name
                 self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self._freeze_for_stage()
-        for path in init_from or []:
-            self.load_trained_weights(path)
 
     # --- parts and stages --------------------------------------------------------------
 
@@ -190,7 +252,7 @@ class MIM(L.LightningModule):
 
     @property
     def num_query_tokens(self) -> int:
-        return self.query_tokens.shape[1]
+        return self._num_query_tokens
 
     def trained_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of the parts this stage trains."""
@@ -221,7 +283,7 @@ class MIM(L.LightningModule):
     def train(self, mode: bool = True) -> "MIM":
         """Frozen parts stay in eval mode (no dropout) whatever mode the trainer asks for."""
         super().train(mode)
-        if mode:
+        if mode and self.built:
             self.vision_model.eval()
             if self.stage != "instruction":  # the LLM is frozen in alignment and head pre-training
                 self.llm.eval()
@@ -230,7 +292,28 @@ class MIM(L.LightningModule):
         return self
 
     def trainable_state_keys(self) -> set[str]:
-        return {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        """State-dict names of the parameters that train (wrapper segments such as FSDP's removed)."""
+        return {_clean_name(name) for name, parameter in self.named_parameters(remove_duplicate=False)
+                if parameter.requires_grad}
+
+    def frozen_state_keys(self) -> set[str]:
+        return {_clean_name(name) for name, parameter in self.named_parameters(remove_duplicate=False)
+                if not parameter.requires_grad}
+
+    @contextmanager
+    def full_state(self) -> Iterator[None]:
+        """``state_dict()`` with the frozen weights too, inside this block.
+
+        Outside it, ``state_dict()`` holds what trains (and persistent buffers): frozen parts come from
+        their sources. Every strategy builds its checkpoint from ``state_dict()`` (DDP whole, FSDP as
+        DTensor shards, DeepSpeed through its engine), so each writes only what trained, and a sharded
+        checkpoint loads back into the same reduced set of keys.
+        """
+        previous, self._keep_frozen = self._keep_frozen, True
+        try:
+            yield
+        finally:
+            self._keep_frozen = previous
 
     def data_interface(self) -> ModelInterface:
         return ModelInterface(self.tokenizer, self.head, self.image_processor, self.num_query_tokens)
@@ -347,9 +430,20 @@ class MIM(L.LightningModule):
     # --- checkpoints: what trained, and strict checks on the way back ------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        frozen = self.frozen_state_keys()  # state_dict() already leaves them out; a strategy may not call it
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["mim_stage"] = self.stage
+        checkpoint["mim_rng"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (``--ckpt_path``): the random state comes back at the first batch, where the
+        uninterrupted run had it (dropout draws then match step for step)."""
+        self._rng_to_restore = checkpoint.get("mim_rng")
+
+    def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """Load a checkpoint that holds only trained weights.
@@ -358,7 +452,8 @@ class MIM(L.LightningModule):
         checkpoint's stage did not train (frozen weights come from their sources);
         with ``strict`` every part this model trains must be present.
         """
-        own = self.state_dict()
+        with self.full_state():
+            own = self.state_dict()
         unexpected = sorted(set(state_dict) - set(own))
         if unexpected:
             raise KeyError(f"checkpoint has weights this model does not: {unexpected[:5]}"
@@ -386,17 +481,82 @@ class MIM(L.LightningModule):
 
     def load_trained_weights(self, path: str) -> None:
         """Initialise from another run's checkpoint (e.g. stage 2 from stage 1)."""
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) and not os.path.isfile(os.path.join(path, ".metadata")):
             raise FileNotFoundError(
                 f"model.init_from: {path} does not exist (relative paths resolve from {os.getcwd()}). When resuming "
                 "with --ckpt_path, pass --model.init_from null: the checkpoint holds every weight its run trained.")
         from mim.convert import is_released_layout, map_released, read_released
+        from mim.export import read_checkpoint
 
-        checkpoint = read_released(path) if str(path).endswith((".pt", ".bin", ".safetensors")) else \
-            torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        if is_released_layout(state):  # the release's own files: its stage-1 output starts our stage 2
-            state = map_released(state, self)
-        self.load_state_dict(state, strict=False)
-        rank_zero_info(f"MIM: initialised {len(state)} tensors from {path} "
+        sharded = _data_parallel_mesh(self) is not None
+        reader = not sharded or torch.distributed.get_rank() == 0  # sharded: rank 0 reads, the others receive
+        checkpoint, state = {}, {}
+        if reader:
+            checkpoint = read_released(path) if str(path).endswith((".pt", ".bin", ".safetensors")) else \
+                read_checkpoint(path)
+            state = checkpoint.get("state_dict", checkpoint)
+            if is_released_layout(state):  # the release's own files: its stage-1 output starts our stage 2
+                state = map_released(state, self)
+        count = len(state)
+        if sharded:
+            from mim.sharding import load_broadcast
+
+            load_broadcast(self, state)
+        else:
+            self.load_state_dict(state, strict=False)
+        rank_zero_info(f"MIM: initialised {count} tensors from {path} "
                        f"(stage '{checkpoint.get('mim_stage', 'unknown')}')")
+
+
+# --- helpers: names under wrappers, the frozen-weight filter, the mesh, random states ----------------
+
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean_name(name: str) -> str:
+    """A parameter name as state_dict keys spell it, whatever wrappers (FSDP1, checkpointing, compile) add."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def _drop_frozen_parameters(module: "MIM", state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict post-hook: frozen weights leave the state dict (see :meth:`MIM.full_state`)."""
+    if module._keep_frozen or not module.built:
+        return
+    frozen = module.frozen_state_keys()
+    for key in [k for k in state_dict if k.startswith(prefix) and _clean_name(k[len(prefix):]) in frozen]:
+        del state_dict[key]
+
+
+def _data_parallel_mesh(module: L.LightningModule):
+    """The data-parallel device mesh when training under ``ModelParallelStrategy`` (FSDP2) with more than
+    one rank in it; None otherwise (one device, DDP, DeepSpeed, or no trainer)."""
+    mesh = getattr(module, "_device_mesh", None)
+    if mesh is None:
+        return None
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError("MIM shards with FSDP2 only: set ModelParallelStrategy(tensor_parallel_size=1)")
+    mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+    return mesh if mesh.size() > 1 else None
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random state a training step draws from (dropout, data augmentation)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    # tensors and plain numbers only: checkpoints must load with torch.load(weights_only=True)
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss))
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -269,6 +269,8 @@ def test_tiny_configs_build_and_a_different_head_class_path_is_accepted() -> Non
                    "--model.head", "test_mim.EchoHead", "--model.head.scale", "2.0"])
     assert type(swapped.model.head).__name__ == "EchoHead" and swapped.model.head.hparams()["init_args"] == {
         "scale": 2.0}
+    assert not swapped.model.built  # mim fit builds the parts in configure_model, under the strategy
+    swapped.model.configure_model()
     assert swapped.model.tokenizer.convert_tokens_to_ids("<img>") == swapped.model.head.token_ids["<img>"]
 
 
@@ -293,6 +295,9 @@ def test_paper_configs_parse_and_build_from_local_checkpoints(name: str, tmp_pat
                  "--model.blip2", f"{{pretrained: {tmp_path / 'blip2'}}}", "--model.init_from", "null"])
     stage = "alignment" if "stage1" in name else "instruction"
     assert built.model.stage == stage
+    built.model.configure_model()  # what the trainer calls: the from_pretrained path runs here
+    assert built.model.llm.config.hidden_size == 64
+    assert next(built.model.vision_model.parameters()).dtype == torch.bfloat16  # frozen tower in bf16
     hp = built.model.hparams  # the released recipe (ds_config_*.json, run_*_stage.sh)
     assert (hp.learning_rate, tuple(hp.betas), hp.eps, hp.weight_decay) == (
         1e-4 if stage == "alignment" else 1e-5, (0.9, 0.95), 1e-8, 0.001)

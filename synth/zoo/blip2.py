@@ -71,6 +71,27 @@ def _image_processor(image_size: int):
                                  image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
 
 
+def blip2_config(source: ModelSource | str | dict = DEFAULT_BLIP2):
+    """The BLIP-2 configuration (query count, widths), without weights."""
+    from transformers import Blip2Config
+
+    source = ModelSource.parse(source)
+    if source.preset is not None:
+        check_preset(source, "BLIP-2")
+        return tiny_blip2_config()
+    return Blip2Config.from_pretrained(source.pretrained, **source.pretrained_kwargs())
+
+
+def blip2_image_processor(source: ModelSource | str | dict = DEFAULT_BLIP2):
+    """BLIP-2's image processor alone (what the datamodules need before any weight is loaded)."""
+    from transformers import BlipImageProcessorPil
+
+    source = ModelSource.parse(source)
+    if source.preset is not None:
+        return _image_processor(blip2_config(source).vision_config.image_size)
+    return BlipImageProcessorPil.from_pretrained(source.pretrained, **source.pretrained_kwargs())
+
+
 def build_blip2(source: ModelSource | str | dict = DEFAULT_BLIP2) -> Blip2Parts:
     """Vision model, Q-Former and query tokens from a BLIP-2 checkpoint or a preset."""
     from transformers import Blip2Config, Blip2QFormerModel, Blip2VisionModel, BlipImageProcessorPil

@@ -56,32 +56,122 @@ def chat_template_name(tokenizer) -> str:
     return "the checkpoint's own chat template"
 
 
-def build_llm(source: ModelSource | str | dict = DEFAULT_LLM) -> LLMBundle:
-    """A causal LM and tokenizer from a checkpoint (hub id or directory) or a preset.
+def build_llm_tokenizer(source: ModelSource | str | dict = DEFAULT_LLM):
+    """The LLM's tokenizer alone (cheap: no weights), with a pad token and a chat template.
 
-    The tokenizer always has a pad token afterwards (Llama-2 ships none; its
-    ``<unk>`` is used, a common choice that never collides with real text),
-    and a chat template (Llama-2's, when the checkpoint has none).
+    Llama-2 ships no pad token; its ``<unk>`` is used, a common choice that never collides with
+    real text. A checkpoint without a chat template gets Llama-2's.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from synth.zoo.text_tokenizers import LLAMA2_CHAT_TEMPLATE
 
     source = ModelSource.parse(source)
     if source.preset is not None:
         check_preset(source, "LLM")
-        tokenizer = tiny_llama_tokenizer()
-        with preset_weights_rng():
-            model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer))
-        return LLMBundle(model.eval(), tokenizer)
-
-    kwargs = source.pretrained_kwargs()
-    tokenizer = AutoTokenizer.from_pretrained(source.pretrained, **kwargs)
-    if source.torch_dtype is not None:
-        kwargs["dtype"] = source.torch_dtype
-    model = AutoModelForCausalLM.from_pretrained(source.pretrained, **kwargs)
+        return tiny_llama_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(source.pretrained, **source.pretrained_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
+    return tokenizer
+
+
+def llm_config(source: ModelSource | str | dict, tokenizer=None):
+    """The LLM's configuration (shapes), without weights."""
+    from transformers import AutoConfig
+
+    source = ModelSource.parse(source)
+    if source.preset is not None:
+        tokenizer = tokenizer or tiny_llama_tokenizer()
+        return tiny_llama_config(len(tokenizer), tokenizer)
+    return AutoConfig.from_pretrained(source.pretrained, **source.pretrained_kwargs())
+
+
+def _quantization_config(source: ModelSource):
+    """bitsandbytes settings for ``quantization: 8bit | 4bit`` (inference: chat, serve, evaluate)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"llm.quantization: {source.quantization} loads the LLM through bitsandbytes, which is "
+                          "not installed: `pip install bitsandbytes`")
+    from transformers import BitsAndBytesConfig
+
+    if source.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = source.torch_dtype or __import__("torch").bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+
+
+def build_llm(source: ModelSource | str | dict = DEFAULT_LLM) -> LLMBundle:
+    """A causal LM and tokenizer (:func:`build_llm_tokenizer`) from a checkpoint or a preset."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    source = ModelSource.parse(source)
+    tokenizer = build_llm_tokenizer(source)
+    if source.preset is not None:
+        with preset_weights_rng():
+            model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer))
+        return LLMBundle(model.eval(), tokenizer)
+    kwargs = source.pretrained_kwargs()
+    if source.torch_dtype is not None:
+        kwargs["dtype"] = source.torch_dtype
+    if source.quantization is not None:
+        kwargs["quantization_config"] = _quantization_config(source)
+    model = AutoModelForCausalLM.from_pretrained(source.pretrained, **kwargs)
     return LLMBundle(model, tokenizer)
+
+
+def build_llm_skeleton(source: ModelSource | str | dict, tokenizer) -> nn.Module:
+    """The LLM on the meta device (shapes only, no memory), in the source's dtype, with a vocabulary
+    the size of ``tokenizer``: what every rank builds before sharding; weights come later, per shard."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = ModelSource.parse(source)
+    config = llm_config(source, tokenizer if source.preset else None)
+    dtype = source.torch_dtype or torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if model.get_input_embeddings().num_embeddings != len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model
+
+
+class LLMCheckpointReader:
+    """The LLM's checkpoint tensors in pieces, for a rank that hands them out to the others: the two
+    embedding matrices, then one decoder layer at a time, then the rest. Only safetensors shards are
+    read, key by key, so the whole model is never in memory at once. A preset, a GGUF file or a
+    checkpoint not in Llama's layout is built whole instead (small, or no other way to read it)."""
+
+    EMBEDDINGS = ("model.embed_tokens.", "lm_head.")
+
+    def __init__(self, source: ModelSource | str | dict, num_layers: int) -> None:
+        self.source = ModelSource.parse(source)
+        self.num_layers = num_layers
+        self.whole: dict | None = None
+
+    def embeddings(self) -> dict:
+        source = self.source
+        if source.preset is None and not source.options.get("gguf_file") and source.quantization is None:
+            from synth.zoo.checkpoint_files import read_tensors
+
+            try:
+                return read_tensors(source.pretrained, self.EMBEDDINGS, source.revision)
+            except (FileNotFoundError, KeyError):  # no safetensors, or not Llama's layout
+                pass
+        self.whole = build_llm(source).model.state_dict()
+        return {key: self.whole.pop(key) for key in list(self.whole) if key.startswith(self.EMBEDDINGS)}
+
+    def pieces(self):
+        """Everything but the embeddings, a piece at a time (call :meth:`embeddings` first)."""
+        if self.whole is not None:
+            whole, self.whole = self.whole, None
+            yield whole
+            return
+        from synth.zoo.checkpoint_files import read_tensors
+
+        for index in range(self.num_layers):
+            yield read_tensors(self.source.pretrained, (f"model.layers.{index}.",), self.source.revision)
+        yield read_tensors(self.source.pretrained, ("model.norm.",), self.source.revision)

@@ -32,6 +32,7 @@ class ModelSource:
         revision: hub revision (branch, tag or commit) for ``pretrained``.
         options: extra keyword arguments for ``from_pretrained`` (``gguf_file``,
             ``variant``, ...).
+        quantization: ``8bit`` or ``4bit`` to load an LLM through bitsandbytes (inference on a small GPU).
     """
 
     pretrained: str | None = None
@@ -39,6 +40,7 @@ class ModelSource:
     dtype: str | None = None
     revision: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if (self.pretrained is None) == (self.preset is None):
@@ -48,8 +50,11 @@ class ModelSource:
             )
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"ModelSource.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.preset is not None and (self.revision or self.options):
-            raise ValueError("'revision' and 'options' apply to 'pretrained' sources only, not to presets")
+        if self.preset is not None and (self.revision or self.options or self.quantization):
+            raise ValueError("'revision', 'options' and 'quantization' apply to 'pretrained' sources only, "
+                             "not to presets")
+        if self.quantization not in (None, "8bit", "4bit"):
+            raise ValueError(f"ModelSource.quantization must be '8bit' or '4bit', got {self.quantization!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
