@@ -51,27 +51,49 @@ class MIMChat:
     def from_pretrained(cls, path: str | os.PathLike[str], sdxl: ModelSource | str | dict | None = None,
                         refiner: ModelSource | str | dict | None = None, device: str | None = None,
                         dtype: str | None = None, settings: GenerationSettings | None = None,
-                        watermark: bool = False) -> "MIMChat":
+                        watermark: bool = False, quantization: str | None = None,
+                        sdxl_offload: bool = False) -> "MIMChat":
         """Load a MIM directory (or .ckpt) and the SDXL it draws with.
 
         ``sdxl`` and ``refiner`` default to the ones recorded in the directory (else SDXL base 1.0 and
         no refiner). ``dtype`` (float16 / bfloat16) casts the model and SDXL, for GPUs. ``watermark``:
         SDXL's invisible watermark, as the released demo applied.
+
+        For one GPU that cannot hold the 7B LLM and SDXL together: ``quantization`` (8bit / 4bit) loads
+        the LLM through bitsandbytes (a LoRA or ``--merge_lora`` export), and ``sdxl_offload`` keeps
+        SDXL's parts in host memory, each moved to the GPU only while it runs (diffusers' model CPU
+        offload: slower images, about 10 GB less on the GPU at SDXL's size).
         """
         from mim.export import CONFIG_FILE, load_model, read_config
         from synth.zoo.sdxl import build_sdxl_refiner
 
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if sdxl_offload and device.type != "cuda":
+            raise ValueError("sdxl_offload moves SDXL's parts between host memory and the GPU: it needs "
+                             f"device cuda, not {device.type}")
         recorded = read_config(path) if (Path(path) / CONFIG_FILE).is_file() else {}
-        model = load_model(path).eval()
+        model = load_model(path, quantization).eval()
         pipeline = build_sdxl(sdxl or recorded.get("sdxl") or DEFAULT_SDXL, watermark=watermark)
         refiner_source = refiner or recorded.get("refiner")
         refiner_pipeline = build_sdxl_refiner(refiner_source, pipeline, watermark) if refiner_source else None
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, None: None}[dtype]
-        model.to(device=device, dtype=torch_dtype)
+        if quantization is None:
+            model.to(device=device, dtype=torch_dtype)
+        else:  # the quantized LLM is placed as it loads; the other parts follow it
+            llm_device = next(model.llm.parameters()).device
+            for name, child in model.named_children():
+                if name != "llm":
+                    child.to(device=llm_device, dtype=torch_dtype)
+            model.query_tokens.data = model.query_tokens.data.to(llm_device, torch_dtype or model.query_tokens.dtype)
         for part in (pipeline, refiner_pipeline):
-            if part is not None:
+            if part is None:
+                continue
+            if not sdxl_offload:
                 part.to(device, torch_dtype)
+                continue
+            if torch_dtype is not None:
+                part.to(dtype=torch_dtype)
+            part.enable_model_cpu_offload(device=device)
         return cls(model, pipeline, refiner_pipeline, settings)
 
     def reset(self) -> None:
@@ -82,6 +104,15 @@ class MIMChat:
         messages; images as PIL images or paths), without touching ``history``."""
         messages = [{**m, "images": [_load_image(i) for i in m.get("images", [])]} for m in messages]
         return self.generator.generate(messages, replace(self.settings, **settings))
+
+    def chat_batch(self, conversations: list[list[dict[str, Any]]], **settings: Any) -> list[GenerationResult]:
+        """Replies to several conversations at once: one batched forward per step (left padding, a KV
+        cache per row; see :mod:`mim.batched`). Greedy replies equal :meth:`chat`'s for each one."""
+        from mim.batched import BatchedGenerator
+
+        loaded = [[{**m, "images": [_load_image(i) for i in m.get("images", [])]} for m in messages]
+                  for messages in conversations]
+        return BatchedGenerator(self.generator).generate(loaded, replace(self.settings, **settings))
 
     def send(self, text: str, images: list[Any] | None = None, **settings: Any) -> GenerationResult:
         """One user turn: the reply, with the turn and the reply kept in ``history``.

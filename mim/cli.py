@@ -1,4 +1,4 @@
-"""``mim``: train with LightningCLI (``mim fit --config ...``); chat, serve, convert, export, ablation.
+"""``mim``: train with LightningCLI (``mim fit --config ...``); chat, serve, generate, convert, export, ablation.
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's: every
 Trainer option (strategy, precision, devices, accumulate_grad_batches, ...)
@@ -17,29 +17,34 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def _functions() -> dict:
     """The non-Lightning commands: name -> function whose signature and docstring are its flags."""
     from mim.ablation import run_ablation
+    from mim.batch_inference import generate
     from mim.convert import convert
     from mim.evaluate import evaluate
     from mim.quickstart import quickstart
     from mim.serve import serve
     from mim.terminal import chat
 
-    def export(ckpt: str, out: str, sdxl: dict | str | None = None, refiner: dict | str | None = None) -> int:
+    def export(ckpt: str, out: str, sdxl: dict | str | None = None, refiner: dict | str | None = None,
+               merge_lora: bool = False) -> int:
         """Write a MIM directory (mim.json + trained.safetensors) from a Lightning checkpoint.
 
         Args:
-            ckpt: the .ckpt file written by ``mim fit``.
+            ckpt: the .ckpt file written by ``mim fit``, or a sharded checkpoint folder (FSDP).
             out: the directory to write.
             sdxl: the SDXL that chat and serve should draw with (recorded, not loaded): tiny, a hub id or path.
             refiner: an SDXL refiner to record (stabilityai/stable-diffusion-xl-refiner-1.0 in the released demo).
+            merge_lora: fold LoRA adapters into the LLM and write it whole under ``out/llm`` (a plain
+                transformers checkpoint); without it a LoRA export holds only the adapters.
         """
         from mim.export import export_checkpoint, source_record
 
-        export_checkpoint(ckpt, out, sdxl=source_record(sdxl), refiner=source_record(refiner))
+        export_checkpoint(ckpt, out, sdxl=source_record(sdxl), refiner=source_record(refiner),
+                          merge_lora=merge_lora)
         print(f"exported {ckpt} -> {out}")
         return 0
 
     return {"quickstart": quickstart, "ablation": run_ablation, "chat": chat, "serve": serve, "convert": convert,
-            "export": export, "evaluate": evaluate}
+            "export": export, "evaluate": evaluate, "generate": generate}
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):

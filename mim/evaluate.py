@@ -86,7 +86,7 @@ class Responder(Protocol):
     def respond(self, cases: list[Case], seeds: list[int]) -> list[GenerationResult]: ...
 
 
-def _load(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def load_message_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from synth.images import decode_image_file
 
     return [{**m, "images": [decode_image_file(p) if isinstance(p, (str, Path)) else p for p in m["images"]]}
@@ -108,7 +108,7 @@ class ModelResponder:
         from dataclasses import replace
 
         settings = [replace(self.settings, seed=seed) for seed in seeds]
-        return self.batched.generate([_load(case.messages) for case in cases], settings)
+        return self.batched.generate([load_message_images(case.messages) for case in cases], settings)
 
 
 class ReferenceResponder:

@@ -20,6 +20,7 @@ from synth.atomic import atomic_path, atomic_write_text
 
 CONFIG_FILE = "mim.json"
 WEIGHTS_FILE = "trained.safetensors"
+LLM_DIR = "llm"  # a merged LLM (mim export --merge_lora): a plain transformers checkpoint
 
 
 def source_record(value: Any) -> dict | None:
@@ -49,6 +50,36 @@ def save_directory(model, directory: str | os.PathLike[str], sdxl: dict | None =
     return directory
 
 
+def save_merged_directory(model, directory: str | os.PathLike[str], sdxl: dict | None = None,
+                          refiner: dict | None = None) -> Path:
+    """Fold the LoRA adapters into the LLM's weights and write a deployable directory: the merged LLM
+    as a plain transformers checkpoint under ``llm/`` (with the tokenizer MIM extended; vLLM or
+    ``transformers serve`` read it as it is, and 8/4-bit loading quantizes it), and mim.json + the
+    other trained weights beside it. A fully fine-tuned LLM is written there as it is."""
+    from safetensors.torch import save_file
+
+    if not any(key.startswith("llm.") for key in model.trainable_state_keys()):
+        raise ValueError("--merge_lora: the LLM did not train in this checkpoint's stage; its source is the LLM, "
+                         "export without --merge_lora")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    trained = model.trainable_state_keys()
+    with model.full_state():
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if k in trained and not k.startswith("llm.")}
+    merged = model.llm.merge_and_unload() if model.hparams.lora is not None else model.llm
+    merged.save_pretrained(directory / LLM_DIR, safe_serialization=True)
+    model.tokenizer.save_pretrained(directory / LLM_DIR)
+    with atomic_path(directory / WEIGHTS_FILE) as temporary:
+        save_file(state, str(temporary))
+    hparams = {k: v for k, v in dict(model.hparams).items() if k != "init_from"}
+    llm = dict(hparams["llm"], pretrained=LLM_DIR, preset=None, revision=None, options={}, quantization=None)
+    config = {"model": {**hparams, "llm": llm, "lora": None}, "llm_in_directory": True,
+              "weights": sorted(state), "sdxl": sdxl, "refiner": refiner}
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
+    return directory
+
+
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -57,14 +88,21 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_directory(directory: str | os.PathLike[str], **overrides: Any):
-    """The MIM stored in ``directory``; ``overrides`` replace saved hyperparameters (e.g. llm source)."""
+def load_directory(directory: str | os.PathLike[str], quantization: str | None = None, **overrides: Any):
+    """The MIM stored in ``directory``; ``overrides`` replace saved hyperparameters (e.g. llm source);
+    ``quantization`` (8bit / 4bit) loads its LLM through bitsandbytes."""
     from safetensors.torch import load_file
 
     from mim.model import MIM
 
     config = read_config(directory)
-    model = MIM(**{**config["model"], "lazy": False, **overrides})
+    settings = dict(config["model"])
+    if config.get("llm_in_directory"):  # a merged LLM travels with the directory
+        settings["llm"] = {**settings["llm"], "pretrained": str(Path(directory) / settings["llm"]["pretrained"])}
+    if quantization is not None:
+        _check_quantizable(config, directory)
+        settings["llm"] = {**settings["llm"], "quantization": quantization}
+    model = MIM(**{**settings, "lazy": False, **overrides})
     state = load_file(str(Path(directory) / WEIGHTS_FILE))
     try:
         model.load_state_dict(state, strict=False)  # checks unknown keys and shapes
@@ -103,19 +141,32 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def load_model(path: str | os.PathLike[str], **overrides: Any):
+def _check_quantizable(config: dict[str, Any], directory: str | os.PathLike[str]) -> None:
+    """A fully fine-tuned LLM's weights sit in trained.safetensors, which a bitsandbytes LLM cannot take:
+    it must be written whole first."""
+    if any(key.startswith("llm.") and "lora_" not in key for key in config.get("weights", [])):
+        raise ValueError(f"{directory}: this export holds a fine-tuned LLM's weights, which cannot be loaded into "
+                         "an 8/4-bit LLM; export it with `mim export --merge_lora` (it writes the LLM whole under "
+                         "llm/, which is then quantized as it loads)")
+
+
+def load_model(path: str | os.PathLike[str], quantization: str | None = None, **overrides: Any):
     """A MIM from a directory (``mim.json``), a Lightning checkpoint (``.ckpt``) or a sharded checkpoint
     folder (FSDP's ``save_distributed_checkpoint``)."""
     from mim.model import MIM
 
     path = Path(path)
+    if quantization is not None and not path.is_dir():
+        raise ValueError(f"{path}: 8/4-bit loading reads a MIM directory; run `mim export` first")
+    if quantization is not None and is_distributed_checkpoint(path):
+        raise ValueError(f"{path}: 8/4-bit loading reads a MIM directory; run `mim export` on this folder first")
     if is_distributed_checkpoint(path):
         checkpoint = read_distributed_checkpoint(path)
         model = MIM(**{**checkpoint["hyper_parameters"], "init_from": None, "lazy": False, **overrides})
         model.load_state_dict(checkpoint["state_dict"], strict=False)
         return model
     if path.is_dir():
-        return load_directory(path, **overrides)
+        return load_directory(path, quantization, **overrides)
     if path.suffix == ".ckpt":
         return MIM.load_from_checkpoint(path, map_location="cpu", weights_only=True,
                                         **{"lazy": False, **overrides})
@@ -123,8 +174,12 @@ def load_model(path: str | os.PathLike[str], **overrides: Any):
                             "checkpoint folder")
 
 
-def export_checkpoint(ckpt: str, out: str, sdxl: dict | None = None, refiner: dict | None = None) -> Path:
-    """Lightning checkpoint (file or sharded folder) -> MIM directory (only the trained weights travel)."""
+def export_checkpoint(ckpt: str, out: str, sdxl: dict | None = None, refiner: dict | None = None,
+                      merge_lora: bool = False) -> Path:
+    """Lightning checkpoint (file or sharded folder) -> MIM directory (only the trained weights travel;
+    with ``merge_lora`` the LLM with its adapters folded in, see :func:`save_merged_directory`)."""
     model = load_model(ckpt)
+    if merge_lora:
+        return save_merged_directory(model, out, sdxl, refiner)
     keys = set(read_checkpoint(ckpt)["state_dict"])
     return save_directory(model, out, sdxl, refiner, keys=keys)

@@ -31,7 +31,7 @@ import numpy as np
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from datamodules import IMAGE_TOKEN, ModelInterface
@@ -195,6 +195,7 @@ class MIM(L.LightningModule):
         for the stage and apply ``init_from``. Idempotent: Lightning calls it once per fit/validate."""
         if self.built:
             return
+        _refuse_zero3(self)
         mesh = _data_parallel_mesh(self)
         if mesh is not None:
             from mim.sharding import build_sharded
@@ -270,7 +271,10 @@ class MIM(L.LightningModule):
             self.projection.requires_grad_(True)
         if self.stage == "instruction":
             self.head.requires_grad_(True)
-            if self.hparams.lora is None:
+            if self.llm_source.quantization is not None and self.hparams.lora is None:
+                rank_zero_warn(f"the LLM is loaded in {self.llm_source.quantization}: it stays frozen (inference, "
+                               "or LoRA adapters on it); full fine-tuning needs it unquantized")
+            elif self.hparams.lora is None:
                 self.llm.requires_grad_(True)
             else:  # peft's adapters; re-applied after the freeze above
                 for name, parameter in self.llm.named_parameters():
@@ -540,6 +544,20 @@ def _data_parallel_mesh(module: L.LightningModule):
         raise ValueError("MIM shards with FSDP2 only: set ModelParallelStrategy(tensor_parallel_size=1)")
     mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
     return mesh if mesh.size() > 1 else None
+
+
+def _refuse_zero3(module: L.LightningModule) -> None:
+    """DeepSpeed ZeRO-3 partitions every parameter as it is created (``deepspeed.zero.Init`` around
+    configure_model): the BLIP-2 parts' strict loads and the head's rows taken from the LLM's
+    embeddings would then read empty placeholders. Sharded training goes through FSDP instead."""
+    trainer = getattr(module, "_trainer", None)
+    strategy = getattr(trainer, "strategy", None)
+    config = getattr(strategy, "config", None) if type(strategy).__name__ == "DeepSpeedStrategy" else None
+    if isinstance(config, dict) and config.get("zero_optimization", {}).get("stage") == 3:
+        raise ValueError("DeepSpeed ZeRO-3 is not supported by MIM: its partitioned construction would load the "
+                         "BLIP-2 parts and the head's token rows into empty placeholders. For sharded training "
+                         "use FSDP: --trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy "
+                         "(README: Training on several GPUs); ZeRO-2 (the released recipe) works as it is.")
 
 
 def rng_states() -> dict[str, Any]:

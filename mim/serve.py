@@ -358,7 +358,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
           image_bias: float = 0.0, max_text_chars: int = 4000, max_upload_images: int = 4,
           max_request_mb: float = 16, max_image_pixels: int = 16_777_216, max_sessions: int = 64,
           max_sessions_per_client: int = 8, session_idle_minutes: float = 60, max_turns: int = 20,
-          max_waiting: int = 16) -> int:
+          max_waiting: int = 16, quantization: str | None = None, sdxl_offload: bool = False) -> int:
     """Serve the web demo for a MIM directory (or .ckpt).
 
     Args:
@@ -390,12 +390,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
         session_idle_minutes: a conversation idle this long is forgotten (the browser is told).
         max_turns: messages per conversation.
         max_waiting: requests that may wait for the model; more get a 503.
+        quantization: 8bit or 4bit: the LLM through bitsandbytes, for a GPU too small for it in 16 bits
+            (a LoRA or ``mim export --merge_lora`` directory).
+        sdxl_offload: keep SDXL in host memory and move each part to the GPU only while it runs.
     """
     from mim.chat import MIMChat
     from mim.generation import GenerationSettings, trigger_bias
 
     loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype,
-                                     watermark=watermark)
+                                     watermark=watermark, quantization=quantization, sdxl_offload=sdxl_offload)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
                                   num_inference_steps=num_inference_steps, high_noise_frac=high_noise_frac,
                                   guidance_scale=guidance_scale, do_sample=do_sample, top_p=top_p, seed=seed,

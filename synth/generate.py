@@ -122,8 +122,8 @@ class GenerationAborted(RuntimeError):
     request): the run stopped at once. Groups already generated are kept; a rerun resumes."""
 
 
-def read_done(path: Path) -> set[str]:
-    """Group ids already generated. A last line cut short by a kill is removed from the file."""
+def read_done(path: Path, key: str = "group_id") -> set[str]:
+    """Ids (``key`` of each line) already written. A last line cut short by a kill is removed from the file."""
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -135,7 +135,7 @@ def read_done(path: Path) -> set[str]:
     for line in data[:good_end].splitlines():
         if line.strip():
             try:
-                done.add(json.loads(line)["group_id"])
+                done.add(json.loads(line)[key])
             except (json.JSONDecodeError, KeyError):
                 continue
     return done

@@ -242,3 +242,210 @@ def test_a_killed_run_resumed_continues_the_uninterrupted_loss_curve_exactly(lor
     difference = max(abs(resumed[step] - reference[step]) for step in resumed)
     assert difference == 0.0, {step: (reference[step], resumed[step]) for step in resumed}
     assert len({round(loss, 6) for loss in reference.values()}) > 5  # a moving curve, not a constant
+
+
+# --- LoRA to a deployable model ---------------------------------------------------------------------
+
+def test_lora_exports_merged_or_not_give_the_trained_modules_logits(tmp_path: Path) -> None:
+    """Train with LoRA, export with and without --merge_lora, load each as mim chat and mim serve do."""
+    import lightning as L
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from datamodules import ConversationDataModule, ConversationSource
+    from heads import LanguageDescriptionHead
+    from mim.chat import MIMChat
+    from mim.export import export_checkpoint, load_model
+    from mim.model import MIM
+    from synth.samples import CONVERSATIONS_FILE, sample_image_dir
+
+    L.seed_everything(0)
+    model = MIM(LanguageDescriptionHead(), llm="tiny", blip2="tiny", stage="instruction",
+                lora={"r": 4, "alpha": 8, "dropout": 0.0}, learning_rate=1e-2)
+    data = ConversationDataModule(train=[ConversationSource(str(CONVERSATIONS_FILE),
+                                                            image_root=str(sample_image_dir()))],
+                                  batch_size=2, num_workers=0)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    batch = sample_batch(model)
+    with torch.no_grad():
+        expected = model.eval()(batch).logits
+    lora_b = [p for n, p in model.llm.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # the adapters moved away from zero: merging changes weights
+
+    export_checkpoint(str(tmp_path / "lora.ckpt"), str(tmp_path / "adapters"))
+    export_checkpoint(str(tmp_path / "lora.ckpt"), str(tmp_path / "merged"), merge_lora=True)
+    assert (tmp_path / "merged" / "llm" / "model.safetensors").is_file()
+    merged_llm = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "llm")  # plain transformers reads it
+    assert not any("lora" in name for name, _ in merged_llm.named_parameters())
+    replies = []
+    for directory, tolerance in (("adapters", 0.0), ("merged", 1e-5)):
+        loaded = load_model(tmp_path / directory).eval()
+        assert (loaded.hparams.lora is None) == (directory == "merged")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(batch).logits, expected, rtol=tolerance, atol=tolerance)
+        replies.append(MIMChat.from_pretrained(tmp_path / directory, sdxl="tiny", device="cpu").send(
+            "What is in this picture?", max_new_tokens=6, image_size=64, num_inference_steps=2).text)
+    assert replies[0] == replies[1]  # greedy: merged and unmerged write the same reply
+    from mim.export import save_merged_directory
+
+    with pytest.raises(ValueError, match="the LLM did not train"):  # stage 1: nothing of the LLM to write
+        save_merged_directory(MIM(LanguageDescriptionHead(), llm="tiny", blip2="tiny", stage="alignment"),
+                              tmp_path / "x")
+
+
+# --- batched inference over a file --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_mim_dir(tmp_path_factory) -> Path:
+    from heads import LanguageDescriptionHead
+    from mim.export import save_directory
+    from mim.model import MIM
+
+    path = tmp_path_factory.mktemp("mim")
+    save_directory(MIM(LanguageDescriptionHead(), llm="tiny", blip2="tiny"), path, sdxl={"preset": "tiny"})
+    return path
+
+
+def test_mim_generate_answers_every_conversation_once_as_one_by_one_and_resumes(tiny_mim_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    import json
+
+    from mim.batch_inference import conversation_prompts, generate, generate_replies
+    from mim.chat import MIMChat
+    from mim.generation import GenerationSettings, trigger_bias
+    from synth.samples import CONVERSATIONS_FILE, LLAVA_CONVERSATIONS_FILE, sample_image_dir
+
+    files = [str(CONVERSATIONS_FILE), str(LLAVA_CONVERSATIONS_FILE)]
+    prompts, problems = conversation_prompts(files, str(sample_image_dir()))
+    assert len(prompts) == 7 and not problems
+    assert all(messages[-1]["role"] == "user" for _, messages in prompts)
+    chat = MIMChat.from_pretrained(tiny_mim_dir, device="cpu")
+    # a strong push towards images, so the image path (SDXL, the image fed back) runs in the batch too
+    chat.settings = GenerationSettings(max_new_tokens=12, image_size=64, num_inference_steps=2, max_images=1,
+                                       logit_bias=trigger_bias(chat.generator.model.head, 8.0))
+    out = tmp_path / "out"
+    summary = generate_replies(chat, prompts, out, batch_size=3, progress=False)
+    assert summary["answered"] == 7 and summary["already_done"] == 0
+    lines = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == sorted(record_id for record_id, _ in prompts)
+    assert any(line["images"] for line in lines)
+    for line in lines:
+        for image in line["images"]:
+            assert (out / image["path"]).is_file()
+    # each row is what the one-row generator writes for it (greedy, the same seed)
+    from dataclasses import replace
+
+    from mim.evaluate import load_message_images
+
+    by_id = {line["id"]: line for line in lines}
+    for record_id, messages in prompts[:3]:
+        alone = chat.generator.generate(load_message_images(messages),
+                                        replace(chat.settings, seed=by_id[record_id]["seed"]))
+        assert alone.text == by_id[record_id]["reply"], record_id
+
+    # killed after two replies, the third cut mid-line: a rerun answers only the rest
+    text = (out / "replies.jsonl").read_text().splitlines(keepends=True)
+    (out / "replies.jsonl").write_text("".join(text[:2]) + text[2][:15])
+    again = generate_replies(chat, prompts, out, batch_size=3, progress=False)
+    assert again["already_done"] == 2 and again["answered"] == 5
+    final = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert sorted(line["id"] for line in final) == sorted(by_id)
+    assert {line["id"]: line["reply"] for line in final} == {k: v["reply"] for k, v in by_id.items()}
+    # and from the shell's entry point: nothing left to do
+    assert generate(str(tiny_mim_dir), files, str(out), image_root=str(sample_image_dir()), device="cpu",
+                    image_size=64, num_inference_steps=2, max_new_tokens=12) == 0
+    assert len((out / "replies.jsonl").read_text().splitlines()) == 7
+
+
+# --- memory for chat on one GPU ----------------------------------------------------------------------
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None,
+                    reason="bitsandbytes is not installed (pip install bitsandbytes)")
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_a_merged_export_chats_with_its_llm_in_8_or_4_bits(bits: str, tiny_llm_dir: Path, tmp_path: Path) -> None:
+    """bitsandbytes runs on this CPU: the LLM's Linear layers load quantized, and the replies' logits stay
+    close to the full-precision model's."""
+    import torch
+
+    from heads import LanguageDescriptionHead
+    from mim.chat import MIMChat
+    from mim.export import save_directory, save_merged_directory
+    from mim.model import MIM
+
+    model = MIM(LanguageDescriptionHead(), llm={"pretrained": str(tiny_llm_dir)}, blip2="tiny",
+                lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    save_merged_directory(model, tmp_path / "merged", sdxl={"preset": "tiny"})
+    full = MIMChat.from_pretrained(tmp_path / "merged", device="cpu")
+    small = MIMChat.from_pretrained(tmp_path / "merged", device="cpu", quantization=bits)
+    layer = small.generator.model.llm.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[bits]
+    batch = sample_batch(full.generator.model)
+    with torch.no_grad():
+        reference = full.generator.model(batch).logits
+        quantized = small.generator.model(batch).logits
+    error = (quantized - reference).abs().mean() / reference.abs().mean()
+    assert 0 < error < {"8bit": 0.05, "4bit": 0.25}[bits]
+    reply = small.send("What is in this picture?", max_new_tokens=4, image_size=64, num_inference_steps=2)
+    assert isinstance(reply.text, str)
+    # a fully fine-tuned export keeps its LLM weights in trained.safetensors: it says how to quantize it
+    save_directory(MIM(LanguageDescriptionHead(), llm="tiny", blip2="tiny"), tmp_path / "full")
+    with pytest.raises(ValueError, match="--merge_lora"):
+        MIMChat.from_pretrained(tmp_path / "full", device="cpu", quantization=bits)
+
+
+def test_sdxl_offload_needs_a_gpu_and_says_so(tiny_mim_dir: Path) -> None:
+    from mim.chat import MIMChat
+
+    with pytest.raises(ValueError, match="sdxl_offload .* needs device cuda, not cpu"):
+        MIMChat.from_pretrained(tiny_mim_dir, device="cpu", sdxl_offload=True)
+
+
+@pytest.mark.gpu
+def test_sdxl_offload_keeps_sdxl_off_the_gpu_between_images(tiny_mim_dir: Path) -> None:
+    import torch
+
+    from mim.chat import MIMChat
+
+    chat = MIMChat.from_pretrained(tiny_mim_dir, device="cuda", sdxl_offload=True)
+    unet_device = next(chat.generator.sdxl.unet.parameters()).device
+    assert unet_device.type == "cpu"  # resident in host memory until it runs
+    reply = chat.send("Draw a cat", max_new_tokens=8, image_size=64, num_inference_steps=2)
+    assert isinstance(reply.text, str) and torch.cuda.is_available()
+
+
+# --- on a GPU machine ---------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="pip install deepspeed")
+def test_deepspeed_stage_2_fits_and_saves_only_what_trained(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "mim"), "fit", "--config", str(REPO / "configs" / "textbind" / "tiny_stage2_instruction.yaml"),
+         "--model.init_from", "null", "--trainer.accelerator", "cuda", "--trainer.devices", "1",
+         "--trainer.strategy", "deepspeed_stage_2", "--trainer.precision", "bf16-mixed",
+         "--data.init_args.train", BUNDLED_ONLY, "--trainer.max_steps", "3", "--trainer.logger", "false",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks",
+         f"[{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {tmp_path}/ck}}}}]"],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import torch
+
+    states = next((tmp_path / "ck").rglob("mp_rank_00_model_states.pt"))
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert module and not any(key.startswith("vision_model.") for key in module)
+
+
+@pytest.mark.gpu
+def test_fsdp_on_one_gpu_builds_sharded_and_trains(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "mim"), "fit", "--config", str(REPO / "configs" / "textbind" / "tiny_stage2_instruction.yaml"),
+         "--model.init_from", "null", "--trainer.accelerator", "cuda", "--trainer.devices", "1",
+         "--trainer.strategy", "{class_path: lightning.pytorch.strategies.ModelParallelStrategy, "
+         "init_args: {data_parallel_size: 1, tensor_parallel_size: 1}}",
+         "--data.init_args.train", BUNDLED_ONLY, "--trainer.max_steps", "3", "--trainer.logger", "false",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]"],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

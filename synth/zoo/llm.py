@@ -117,8 +117,9 @@ def build_llm(source: ModelSource | str | dict = DEFAULT_LLM) -> LLMBundle:
     kwargs = source.pretrained_kwargs()
     if source.torch_dtype is not None:
         kwargs["dtype"] = source.torch_dtype
-    if source.quantization is not None:
+    if source.quantization is not None:  # placed by accelerate (the GPU when there is one): .to() cannot move it
         kwargs["quantization_config"] = _quantization_config(source)
+        kwargs.setdefault("device_map", "auto")
     model = AutoModelForCausalLM.from_pretrained(source.pretrained, **kwargs)
     return LLMBundle(model, tokenizer)
 
