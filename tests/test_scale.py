@@ -449,3 +449,29 @@ def test_fsdp_on_one_gpu_builds_sharded_and_trains(tmp_path: Path) -> None:
          "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_training_an_mse_head_never_loads_the_sdxl_decoder(tmp_path: Path, monkeypatch) -> None:
+    """Only SDXL's text encoders run in training (the heads' targets); the UNet and VAE stay unloaded."""
+    import lightning as L
+
+    import synth.zoo.sdxl as sdxl
+    from datamodules import ConversationDataModule, ConversationSource
+    from heads import QFormerMediumHead
+    from mim.model import MIM
+    from synth.samples import CONVERSATIONS_FILE, sample_image_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training loaded the SDXL pipeline")
+
+    monkeypatch.setattr(sdxl, "build_sdxl", refuse)
+    monkeypatch.setattr(sdxl, "build_sdxl_refiner", refuse)
+    model = MIM(QFormerMediumHead(target_cache=str(tmp_path / "targets"), sdxl={"preset": "tiny"}, num_layers=1,
+                                  hidden_size=32, num_heads=2), llm="tiny", blip2="tiny", lazy=True)
+    data = ConversationDataModule(train=[ConversationSource(str(CONVERSATIONS_FILE),
+                                                            image_root=str(sample_image_dir()))],
+                                  batch_size=2, num_workers=0)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, data)
+    assert trainer.global_step == 2 and any((tmp_path / "targets").iterdir())  # targets were computed
