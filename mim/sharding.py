@@ -36,6 +36,8 @@ class TokenRows:
         return self
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        if len(ids) == 0:
+            return torch.empty(0, self.shape[1])
         return torch.stack([self.rows[int(i)] for i in ids])
 
 
