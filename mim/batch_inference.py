@@ -23,28 +23,15 @@ REPLIES_FILE = "replies.jsonl"
 
 def conversation_prompts(paths: list[str], image_root: str | None = None, format: str = "auto"
                          ) -> tuple[list[tuple[str, list[dict[str, Any]]]], list[str]]:
-    """(id, messages up to the last user turn) for every conversation that has a user turn; problems."""
-    from synth.conversation_io import read_conversations
-    from synth.schema import SchemaError
+    """(id, messages up to the last user turn) for every readable conversation; the problems met (the reader
+    rejects a conversation without a user turn, so each one read has a turn to answer)."""
+    from mim.evaluate import read_message_lists
 
-    prompts, problems = [], []
-    for path in paths:
-        conversations, report = read_conversations(path, on_error="skip", format=format)
-        problems += [str(error) for error in report.rejected]
-        root = image_root or str(Path(path).resolve().parent)
-        for conversation in conversations:
-            last_user = max((i for i, turn in enumerate(conversation.turns) if turn.role == "user"), default=None)
-            if last_user is None:
-                problems.append(f"{path} (record {conversation.id!r}): no user turn to answer")
-                continue
-            try:
-                messages = [{"role": turn.role, "content": turn.content,
-                             "images": [str(conversation.image_path(name, root)) for name in turn.image_list]}
-                            for turn in conversation.turns[:last_user + 1]]
-            except SchemaError as error:
-                problems.append(f"{path} (record {conversation.id!r}): {error.detail}")
-                continue
-            prompts.append((conversation.id, messages))
+    read, problems = read_message_lists(paths, image_root, format)
+    prompts = []
+    for _, conversation, messages in read:
+        last_user = max(i for i, message in enumerate(messages) if message["role"] == "user")
+        prompts.append((conversation.id, messages[:last_user + 1]))
     return prompts, problems
 
 
@@ -142,8 +129,8 @@ def generate(model: str, input: list[str], out_dir: str, image_root: str | None 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
                                   num_inference_steps=num_inference_steps, do_sample=do_sample, top_p=top_p,
                                   seed=seed)
-    chat = MIMChat.from_pretrained(model, sdxl=sdxl, device=device, dtype=dtype, settings=settings,
-                                   quantization=quantization, sdxl_offload=sdxl_offload)
+    chat = MIMChat.from_pretrained(model, sdxl=sdxl, device=device, dtype=dtype, quantization=quantization,
+                                   sdxl_offload=sdxl_offload)
     chat.settings = replace(settings, logit_bias=trigger_bias(chat.generator.model.head, image_bias))
     summary = generate_replies(chat, prompts, Path(out_dir), batch_size)
     print(json.dumps(summary))

@@ -53,12 +53,13 @@ class Case:
     reference_captions: list[str] = field(default_factory=list)
 
 
-def replay_cases(paths: Sequence[str], image_root: str | None = None, format: str = "auto",
-                 max_cases: int | None = None) -> tuple[list[Case], list[str]]:
-    """Every assistant turn that follows a user turn, with its reference history; and the problems met."""
+def read_message_lists(paths: Sequence[str], image_root: str | None = None, format: str = "auto"
+                       ) -> tuple[list[tuple[str, Any, list[dict[str, Any]]]], list[str]]:
+    """(file, conversation, its turns as ``{"role", "content", "images": [paths]}`` messages) for every
+    readable conversation; and the problems met (bad records, image paths that leave their root)."""
     from synth.conversation_io import read_conversations
 
-    cases: list[Case] = []
+    read: list[tuple[str, Any, list[dict[str, Any]]]] = []
     problems: list[str] = []
     for path in paths:
         conversations, report = read_conversations(path, on_error="skip", format=format)
@@ -66,17 +67,26 @@ def replay_cases(paths: Sequence[str], image_root: str | None = None, format: st
         root = image_root or str(Path(path).resolve().parent)
         for conversation in conversations:
             try:
-                images = [[str(conversation.image_path(name, root)) for name in turn.image_list]
-                          for turn in conversation.turns]
+                messages = [{"role": turn.role, "content": turn.content,
+                             "images": [str(conversation.image_path(name, root)) for name in turn.image_list]}
+                            for turn in conversation.turns]
             except SchemaError as error:
                 problems.append(f"{path} (record {conversation.id!r}): {error.detail}")
                 continue
-            history: list[dict[str, Any]] = []
-            for index, (turn, turn_images) in enumerate(zip(conversation.turns, images)):
-                if turn.role == "assistant" and history and history[-1]["role"] == "user":
-                    cases.append(Case(f"{Path(path).name}/{conversation.id}/{index}", conversation.id, index,
-                                      list(history), turn.content, turn_images, list(turn.caption_list)))
-                history.append({"role": turn.role, "content": turn.content, "images": turn_images})
+            read.append((path, conversation, messages))
+    return read, problems
+
+
+def replay_cases(paths: Sequence[str], image_root: str | None = None, format: str = "auto",
+                 max_cases: int | None = None) -> tuple[list[Case], list[str]]:
+    """Every assistant turn that follows a user turn, with its reference history; and the problems met."""
+    cases: list[Case] = []
+    read, problems = read_message_lists(paths, image_root, format)
+    for path, conversation, messages in read:
+        for index, (turn, message) in enumerate(zip(conversation.turns, messages)):
+            if turn.role == "assistant" and index and messages[index - 1]["role"] == "user":
+                cases.append(Case(f"{Path(path).name}/{conversation.id}/{index}", conversation.id, index,
+                                  messages[:index], turn.content, message["images"], list(turn.caption_list)))
     return (cases[:max_cases] if max_cases is not None else cases), problems
 
 

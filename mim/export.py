@@ -35,17 +35,24 @@ def source_record(value: Any) -> dict | None:
 def save_directory(model, directory: str | os.PathLike[str], sdxl: dict | None = None,
                    refiner: dict | None = None, keys: set[str] | None = None) -> Path:
     """Write the model's hyperparameters and its trained weights (or the given ``keys``)."""
+    keep = keys if keys is not None else model.trainable_state_keys()
+    return _write_directory(model, Path(directory), keep.__contains__, {}, sdxl, refiner)
+
+
+def _write_directory(model, directory: Path, keep, model_settings: dict[str, Any], sdxl: dict | None,
+                     refiner: dict | None, **extra: Any) -> Path:
+    """trained.safetensors (the state-dict keys ``keep`` accepts) and mim.json (the hyperparameters,
+    with ``model_settings`` over them)."""
     from safetensors.torch import save_file
 
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    keep = keys if keys is not None else model.trainable_state_keys()
     with model.full_state():
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in keep}
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if keep(k)}
     with atomic_path(directory / WEIGHTS_FILE) as temporary:
         save_file(state, str(temporary))
-    config = {"model": {k: v for k, v in dict(model.hparams).items() if k != "init_from"},
-              "weights": sorted(state), "sdxl": sdxl, "refiner": refiner}
+    hparams = {k: v for k, v in dict(model.hparams).items() if k != "init_from"}
+    config = {"model": {**hparams, **model_settings}, **extra, "weights": sorted(state), "sdxl": sdxl,
+              "refiner": refiner}
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
     return directory
 
@@ -56,28 +63,19 @@ def save_merged_directory(model, directory: str | os.PathLike[str], sdxl: dict |
     as a plain transformers checkpoint under ``llm/`` (with the tokenizer MIM extended; vLLM or
     ``transformers serve`` read it as it is, and 8/4-bit loading quantizes it), and mim.json + the
     other trained weights beside it. A fully fine-tuned LLM is written there as it is."""
-    from safetensors.torch import save_file
-
-    if not any(key.startswith("llm.") for key in model.trainable_state_keys()):
+    trained = model.trainable_state_keys()
+    if not any(key.startswith("llm.") for key in trained):
         raise ValueError("--merge_lora: the LLM did not train in this checkpoint's stage; its source is the LLM, "
                          "export without --merge_lora")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    trained = model.trainable_state_keys()
-    with model.full_state():
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                 if k in trained and not k.startswith("llm.")}
     merged = model.llm.merge_and_unload() if model.hparams.lora is not None else model.llm
     merged.save_pretrained(directory / LLM_DIR, safe_serialization=True)
     model.tokenizer.save_pretrained(directory / LLM_DIR)
-    with atomic_path(directory / WEIGHTS_FILE) as temporary:
-        save_file(state, str(temporary))
-    hparams = {k: v for k, v in dict(model.hparams).items() if k != "init_from"}
-    llm = dict(hparams["llm"], pretrained=LLM_DIR, preset=None, revision=None, options={}, quantization=None)
-    config = {"model": {**hparams, "llm": llm, "lora": None}, "llm_in_directory": True,
-              "weights": sorted(state), "sdxl": sdxl, "refiner": refiner}
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
-    return directory
+    # mim.json last: a directory that has one has its LLM
+    return _write_directory(model, directory, lambda k: k in trained and not k.startswith("llm."),
+                            {"llm": dict(model.hparams.llm, pretrained=LLM_DIR, preset=None, revision=None,
+                                         options={}, quantization=None), "lora": None},
+                            sdxl, refiner, llm_in_directory=True)
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -182,9 +182,11 @@ def _pieces(sources):
     """Rank 0's pieces one after another (read lazily); every other rank gets an empty piece per piece."""
     from itertools import chain
 
-    iterator = chain(*sources) if sources is not None else None
-    while True:
-        piece = next(iterator, None) if iterator is not None else None
-        if not _broadcast(piece is not None if iterator is not None else None):
-            return
-        yield piece if piece is not None else {}
+    if sources is None:  # not rank 0: as many empty pieces as rank 0 says there are
+        while _broadcast(None):
+            yield {}
+        return
+    for piece in chain(*sources):
+        _broadcast(True)
+        yield piece
+    _broadcast(False)

@@ -15,6 +15,7 @@ as they arrive: the same resume and exactly-once guarantees as the API backend.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ class LocalChatBackend:
                            "local")
         self.temperature, self.top_p, self.max_tokens, self.batch_size = temperature, top_p, max_tokens, batch_size
         self.batch_sizes: list[int] = []
+        # the prefill's logits for every prompt position are never read: a 49k vocabulary over a 1,500-token
+        # prompt is gigabytes, so ask for the last position only where the model takes logits_to_keep
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+            self.model.forward).parameters else {}
         self.queue: asyncio.Queue[_Request] | None = None
         self.worker: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -116,7 +121,7 @@ class LocalChatBackend:
             stop = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
             outputs: list[list[int]] = [[] for _ in prompts]
             done = [False] * len(prompts)
-            keep = self._keep_last(model)  # the prefill's logits for every prompt position are never read
+            keep = self.keep_last
             output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
             for _ in range(self.max_tokens):
                 logits = output.logits[:, -1].float().cpu()
@@ -139,13 +144,6 @@ class LocalChatBackend:
                                **{self._cache_name(output): getattr(output, self._cache_name(output))})
             return [Completion(tokenizer.decode(ids, skip_special_tokens=True), len(prompt_ids), len(ids),
                                self.model_name) for ids, prompt_ids in zip(outputs, encoded)]
-
-    @staticmethod
-    def _keep_last(model) -> dict[str, int]:
-        """``logits_to_keep=1`` where the model takes it: a 49k vocabulary over a 1,500-token prompt is gigabytes."""
-        import inspect
-
-        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     @staticmethod
     def _cache_name(output) -> str:

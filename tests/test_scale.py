@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_mim import sample_batch  # tests/ is on the path (pytest's rootdir import), as for fixture_images
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -56,17 +57,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def sample_batch(model, size: int = 2) -> dict:
-    from datamodules import ConversationDataModule, ConversationSource
-    from synth.samples import CONVERSATIONS_FILE, sample_image_dir
-
-    module = ConversationDataModule(
-        train=[ConversationSource(str(CONVERSATIONS_FILE), image_root=str(sample_image_dir()))],
-        batch_size=size, num_workers=0).bind(model.data_interface())
-    module.setup("fit")
-    return model.data_interface().collate([module.train_set[i] for i in range(size)])
 
 
 @pytest.fixture(scope="module")
@@ -475,3 +465,19 @@ def test_training_an_mse_head_never_loads_the_sdxl_decoder(tmp_path: Path, monke
                         enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(model, data)
     assert trainer.global_step == 2 and any((tmp_path / "targets").iterdir())  # targets were computed
+
+
+def test_mim_generate_skips_and_names_a_conversation_the_reader_rejects(tmp_path: Path) -> None:
+    import json
+
+    from mim.batch_inference import conversation_prompts
+
+    path = tmp_path / "convs.jsonl"
+    path.write_text(json.dumps({"id": "only-system", "conversation": [{"role": "system", "content": "Be brief."}]})
+                    + "\n" + json.dumps({"id": "ok", "conversation": [{"role": "user", "content": "Hi"},
+                                                                      {"role": "assistant", "content": "Hello"}]})
+                    + "\n")
+    prompts, problems = conversation_prompts([str(path)])
+    assert [record_id for record_id, _ in prompts] == ["ok"]
+    assert prompts[0][1] == [{"role": "user", "content": "Hi", "images": []}]  # the reply after it is left out
+    assert len(problems) == 1 and f"{path}:1 (record 'only-system')" in problems[0]  # skipped, and named
