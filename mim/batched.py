@@ -73,10 +73,7 @@ class BatchedGenerator:
             settings = [settings or GenerationSettings()] * len(conversations)
         if len(settings) != len(conversations):
             raise ValueError(f"{len(settings)} settings for {len(conversations)} conversations")
-        prompts = [self.generator.prompt_embeddings(messages) for messages in conversations]
-        rows = [_Row(s, torch.Generator().manual_seed(s.seed)) for s in settings]
-        self._rows = rows
-        self._prefill(rows, prompts)
+        rows = self._start(conversations, settings)
         while not all(row.done for row in rows):
             inputs = [None if row.done else self._next_input(row) for row in rows]
             if all(item is None for item in inputs):
@@ -86,6 +83,20 @@ class BatchedGenerator:
             if row.text_ids:
                 row.result.parts.append(TextPart(self.model.tokenizer.decode(row.text_ids, skip_special_tokens=True)))
         return [row.result for row in rows]
+
+    @torch.no_grad()
+    def prompt_logits(self, conversations: list[list[dict[str, Any]]]) -> torch.Tensor:
+        """Each conversation's next-token logits (B, V) from one left-padded batched prefill: what
+        :meth:`InterleavedGenerator.prompt_logits` gives for each alone, up to floating-point noise."""
+        rows = self._start(conversations, [GenerationSettings()] * len(conversations))
+        return torch.stack([row.last_logits for row in rows])
+
+    def _start(self, conversations: list[list[dict[str, Any]]], settings: list[GenerationSettings]) -> list[_Row]:
+        prompts = [self.generator.prompt_embeddings(messages) for messages in conversations]
+        rows = [_Row(s, torch.Generator().manual_seed(s.seed)) for s in settings]
+        self._rows = rows
+        self._prefill(rows, prompts)
+        return rows
 
     # --- the batched cache -------------------------------------------------------------------
 

@@ -328,6 +328,12 @@ class InterleavedGenerator:
         return result
 
     @torch.no_grad()
+    def prompt_logits(self, messages: list[dict[str, Any]], assistant_prefix: str = "") -> torch.Tensor:
+        """The next-token logits (V,) after ``messages`` (and ``assistant_prefix``): what the first
+        sampled token is drawn from, for scoring answers without generating them."""
+        return self._start(messages, assistant_prefix).last_logits
+
+    @torch.no_grad()
     def image_at(self, messages: list[dict[str, Any]], assistant_prefix: str = "",
                  settings: GenerationSettings | None = None) -> tuple[ImagePart, SDXLCondition]:
         """The image the head makes at this exact point of the conversation (the trigger is

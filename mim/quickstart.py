@@ -22,6 +22,7 @@ from synth.schema import Conversation
 from synth.stats import describe
 from synth.zoo import ModelSource, build_blip2, build_clip, build_llm, build_sdxl
 from synth.zoo.llm import chat_template_name
+from synth.zoo.health import input_share
 
 PARTS = ("llm", "blip2", "clip", "sdxl")
 
@@ -103,6 +104,9 @@ def exercise_models(sources: dict[str, ModelSource], conversations: list[Convers
     queries = blip2.encode(pixels)
     print(f"  BLIP-2: {len(images)} image(s) {tuple(pixels.shape)} -> query outputs {tuple(queries.shape)}; "
           f"{_parameters(blip2.vision_model)} vision, {_parameters(blip2.qformer)} Q-Former")
+    if len(images) > 1:  # a blind tower (0%) gives every picture the same queries
+        print(f"  BLIP-2 sees: {100 * input_share(queries):.0f}% of the query outputs' variance comes from "
+              f"which picture they read (0% would be a blind tower)")
 
     messages = [{"role": t.role, "content": t.content} for t in first.turns]
     ids = llm.tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt", return_dict=True)

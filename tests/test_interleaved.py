@@ -57,7 +57,10 @@ def test_image_cap_and_greedy_decoding(generator: InterleavedGenerator) -> None:
     no_images = generator.generate(messages(), settings(generator, max_images=0, logit_bias={
         generator.model.head.token_ids["<start>"]: 100.0}))
     assert no_images.images == []  # past the cap the trigger is never chosen
-    greedy = [generator.generate(messages(), settings(generator, do_sample=False, seed=s)).text for s in (1, 2)]
+    # Greedy text does not depend on the seed while no image is drawn (a drawn image does: SDXL's noise
+    # comes from the seed, and the model sees the picture it drew).
+    greedy = [generator.generate(messages(), settings(generator, do_sample=False, max_images=0, seed=s)).text
+              for s in (1, 2)]
     assert greedy[0] == greedy[1]
 
 
@@ -152,6 +155,13 @@ def test_batched_generation_gives_each_row_what_it_gets_alone(head_name: str, tm
     rows = [GenerationSettings(max_new_tokens=10 + 3 * i, max_images=1, num_inference_steps=2, image_size=64,
                                do_sample=False, max_caption_tokens=4, logit_bias={trigger: 4.0 + i}, seed=i)
             for i in range(3)]
+    # The prompts' logits agree row by row to 1e-4, and the two photos are told apart far beyond that
+    # (their order moves the logits by 7e-3), so a misplaced or dropped picture fails here.
+    swapped = [{**messages()[0], "images": photos[::-1]}]
+    batched = BatchedGenerator(generator).prompt_logits(conversations + [swapped])
+    for row, conversation in enumerate(conversations + [swapped]):
+        torch.testing.assert_close(batched[row], generator.prompt_logits(conversation), atol=1e-4, rtol=1e-4)
+    assert (batched[3] - batched[0]).abs().max() > 1e-3
     alone = [generator.generate(c, s) for c, s in zip(conversations, rows)]
     together = BatchedGenerator(generator).generate(conversations, rows)
     assert sum(len(result.images) for result in alone) >= 2  # images were drawn, so masking was exercised

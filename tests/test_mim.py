@@ -83,6 +83,10 @@ def test_image_embeddings_land_exactly_at_their_placeholders(model: MIM) -> None
             torch.testing.assert_close(embeds[row, start:start + q], images[image_index])
             image_index += 1
     assert image_index == images.shape[0] == batch["pixel_values"].shape[0] >= 4
+    # the pictures are told apart, so a misplaced or dropped one would fail the comparison above
+    flat = images.flatten(1)
+    distances = torch.cdist(flat, flat) + torch.eye(len(flat)) * 1e9
+    assert distances.min() > 100 * 1e-5 * flat.norm(dim=1).max()
     torch.testing.assert_close(embeds[~image_mask], tokens[~image_mask])  # every other position: its token
     with pytest.raises(ValueError, match="image-token positions for"):
         model.embed(ids, batch["pixel_values"][:-1])

@@ -52,10 +52,19 @@ def tiny_blip2_config(num_query_tokens: int = 32, image_size: int = 32):
     """A BLIP-2 config a laptop CPU runs in milliseconds; same layer types as ViT-g."""
     from transformers import Blip2Config
 
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=image_size, patch_size=8)
-    qformer = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                   cross_attention_frequency=1, encoder_hidden_size=32, vocab_size=99, max_position_embeddings=64)
+    hidden = 32
+    # initializer_range: Blip2VisionConfig's default (1e-10) assumes Salesforce's weights are always
+    # loaded over it; built at random it leaves every weight ~0 and the tower blind (one output for
+    # every picture). The Q-Former's default 0.02 is sized for width ~1000: at width 32 it leaves
+    # 0.03% of the Q-Former output's variance to the picture. hidden**-0.5 (LeCun's fan-in scale)
+    # keeps each layer's activations at unit scale as 0.02 does at full width: 79% of the output's
+    # variance then comes from the picture, as in a pretrained BLIP-2 whose queries read the image.
+    init = hidden**-0.5
+    vision = dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=8, initializer_range=init)
+    qformer = dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                   cross_attention_frequency=1, encoder_hidden_size=hidden, vocab_size=99,
+                   max_position_embeddings=64, initializer_range=init)
     # The language model is never built by us; a tiny OPT config only keeps the
     # composite config complete so a saved tiny checkpoint has BLIP-2's layout.
     text = dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=37,
