@@ -5,7 +5,8 @@ answered greedily with at most ``--max_new_tokens`` tokens by a tiny random-
 weight MIM, once a conversation at a time and once eight at a time, through
 the same code path (``generate_replies``: batched forward, replies appended to
 a file). ``--image_bias`` pushes the model to draw (the tiny SDXL then runs
-inside the batch).
+inside the batch); ``--max_images 0`` measures text alone (a random model that sees its
+pictures picks the image trigger now and then even without a bias).
 
     python benchmarks/batched_inference.py
 """
@@ -22,6 +23,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=56)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--image_bias", type=float, default=0.0)
+    parser.add_argument("--max_images", type=int, default=None, help="images per reply (default: the settings')")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
 
@@ -41,8 +43,10 @@ def main() -> None:
         save_directory(MIM(LanguageDescriptionHead(), llm="tiny", blip2="tiny"), Path(work) / "mim",
                        sdxl={"preset": "tiny"})
         chat = MIMChat.from_pretrained(Path(work) / "mim", device="cpu")
+        limit = {} if args.max_images is None else {"max_images": args.max_images}
         chat.settings = GenerationSettings(max_new_tokens=args.max_new_tokens, image_size=64, num_inference_steps=2,
-                                           logit_bias=trigger_bias(chat.generator.model.head, args.image_bias))
+                                           logit_bias=trigger_bias(chat.generator.model.head, args.image_bias),
+                                           **limit)
         rates = {}
         for batch_size in args.batch_sizes:
             summary = generate_replies(chat, prompts, Path(work) / f"out{batch_size}", batch_size, progress=False)
