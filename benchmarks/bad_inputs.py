@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synth.conversation_io import read_conversations
-from synth.ingest import IngestSource, ingest
-from synth.schema import SchemaError
+from synth.data.conversation_io import read_conversations
+from synth.selection.ingest import IngestSource, ingest
+from synth.data.schema import SchemaError
 
 
 def png(color=(10, 20, 30)) -> bytes:

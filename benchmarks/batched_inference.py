@@ -28,11 +28,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from heads import LanguageDescriptionHead
-    from mim.batch_inference import conversation_prompts, generate_replies
-    from mim.chat import MIMChat
-    from mim.export import save_directory
-    from mim.generation import GenerationSettings, trigger_bias
-    from mim.model import MIM
+    from mim.inference.reply_files import conversation_prompts, generate_replies
+    from mim.inference.chat import MIMChat
+    from mim.modeling.directory import save_directory
+    from mim.inference.interleaved import GenerationSettings, trigger_bias
+    from mim.modeling.mim_model import MIM
     from synth.samples import CONVERSATIONS_FILE, LLAVA_CONVERSATIONS_FILE, sample_image_dir
 
     prompts, _ = conversation_prompts([str(CONVERSATIONS_FILE), str(LLAVA_CONVERSATIONS_FILE)],

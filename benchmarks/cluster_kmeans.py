@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from synth.cluster import kmeans
+    from synth.selection.cluster import kmeans
 
     data = mixture(args.n, args.dim, args.components, args.seed)
     print(f"data: {args.n} x {args.dim} float32, {args.components}-component mixture; K = {args.k}, "

@@ -3,7 +3,7 @@
 The ceiling for C requests in flight and a latency of T seconds is C / T
 conversations per second; the figure is the measured rate as a fraction of
 it (1.0 = the client adds no overhead). Uses the real ``openai`` client and
-``synth.generate`` end to end, over HTTP on 127.0.0.1; the server runs in its
+``synth.generation.generate`` end to end, over HTTP on 127.0.0.1; the server runs in its
 own process so that its CPU time is not charged to the client's event loop.
 
     python benchmarks/generation_rate.py                  # 1, 8, 64 in flight, 200 ms
@@ -21,14 +21,14 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from synth.backends import OpenAIChatBackend
-from synth.generate import generate_groups
-from synth.prompt import read_seed_set
+from synth.generation.backends import OpenAIChatBackend
+from synth.generation.generate import generate_groups
+from synth.generation.prompt import read_seed_set
 
 
 @contextmanager
 def loopback(latency: float):
-    server = subprocess.Popen([sys.executable, "-m", "synth.loopback_server", "--latency", str(latency)],
+    server = subprocess.Popen([sys.executable, "-m", "synth.testing", "--latency", str(latency)],
                               stdout=subprocess.PIPE, text=True)
     try:
         yield server.stdout.readline().strip()

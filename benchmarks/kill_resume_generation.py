@@ -51,7 +51,7 @@ def main() -> None:
     overrides = [f"work_dir={work}", f"sample.num_groups={args.groups}"]
     subprocess.run([SYNTH, "run", "--config", CONFIG, "--until", "sample", *overrides], check=True,
                    capture_output=True)
-    server = subprocess.Popen([sys.executable, "-m", "synth.loopback_server", "--latency", str(args.latency)],
+    server = subprocess.Popen([sys.executable, "-m", "synth.testing", "--latency", str(args.latency)],
                               stdout=subprocess.PIPE, text=True)
     url = server.stdout.readline().strip()
     generate = [SYNTH, "generate", "--config", CONFIG, *overrides, "generate.backend=openai",

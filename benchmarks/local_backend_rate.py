@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sample_groups(count: int) -> list[dict]:
     from synth.config import load_config
-    from synth.generate import read_groups
+    from synth.generation.generate import read_groups
     from synth.pipeline import run_all, stage_dir
 
     with tempfile.TemporaryDirectory() as work:
@@ -36,9 +36,9 @@ def sample_groups(count: int) -> list[dict]:
 
 def run(batch_size: int, groups: list[dict], source: dict, max_tokens: int, out: Path) -> tuple[float, list, int]:
     """Seconds to generate every group through ``generate_groups`` (the stage's own loop), batch sizes, tokens."""
-    from synth.generate import generate_groups
-    from synth.local_backend import LocalChatBackend
-    from synth.prompt import read_seed_set
+    from synth.generation.generate import generate_groups
+    from synth.generation.local_backend import LocalChatBackend
+    from synth.generation.prompt import read_seed_set
 
     backend = LocalChatBackend(source, temperature=0.0, max_tokens=max_tokens, batch_size=batch_size, device="cpu")
     start = time.perf_counter()

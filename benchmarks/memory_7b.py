@@ -2,7 +2,7 @@
 
 Exact parameter counts (Llama-2-7b, BLIP-2's ViT-g and Q-Former, built on the
 meta device) times the bytes each strategy keeps per parameter
-(:mod:`mim.memory`); weights, gradients and AdamW states only, no activations.
+(:mod:`mim.modeling.memory`); weights, gradients and AdamW states only, no activations.
 
     python benchmarks/memory_7b.py --devices 8
 """
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--lora_rank", type=int, default=16)
     args = parser.parse_args()
-    from mim.memory import memory_table, paper_part_sizes
+    from mim.modeling.memory import memory_table, paper_part_sizes
 
     sizes = paper_part_sizes(lora_rank=args.lora_rank)
     print(f"parameters: LLM {sizes.llm:,}; vision {sizes.vision:,}; Q-Former side {sizes.qformer:,}; "

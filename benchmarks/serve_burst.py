@@ -28,7 +28,7 @@ from pathlib import Path
 def make_model(directory: Path) -> Path:
     from heads import LanguageDescriptionHead
     from mim import MIM
-    from mim.export import save_directory
+    from mim.modeling.directory import save_directory
 
     return save_directory(MIM(head=LanguageDescriptionHead(), llm={"preset": "tiny"}, blip2={"preset": "tiny"}),
                           directory / "mim", sdxl={"preset": "tiny"})

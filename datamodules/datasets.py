@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from datamodules.collate import collate
 from datamodules.samplers import split_epoch
 from datamodules.rendering import OutputImageRenderer, RenderedSample, SampleError, render_conversation, truncate
-from synth.pairs import ImagePair, open_image
-from synth.schema import IMAGE_PLACEHOLDER, Conversation, Turn
+from synth.data.pairs import ImagePair, open_image
+from synth.data.schema import IMAGE_PLACEHOLDER, Conversation, Turn
 
 #: Instructions for the alignment stage (section 5.2), one drawn for every sample: the released
 #: code's 20 ``ImageCaptionTemplates`` (data_utils.py, SihengLi99/TextBind, Apache-2.0), word for word.

@@ -20,9 +20,9 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.datasets import CaptionDataset, ConversationDataset, ModelInterface
 from datamodules.samplers import EpochSampler
-from synth.conversation_io import read_conversations
-from synth.pairs import read_pairs
-from synth.schema import Location, SchemaError
+from synth.data.conversation_io import read_conversations
+from synth.data.pairs import read_pairs
+from synth.data.schema import Location, SchemaError
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ConversationSource:
     """One conversation file in a training mixture.
 
     Args:
-        path: JSON, JSONL (or parquet) file in the TextBind, LLaVA or a source format (synth.sources).
+        path: JSON, JSONL (or parquet) file in the TextBind, LLaVA or a source format (synth.data.sources).
         weight: expected passes over this file per epoch (2.0 doubles it, 0.5 samples half).
         image_root: where its image paths resolve (default: the file's folder); a
             record's ``image_dir`` is taken relative to this.
@@ -286,7 +286,7 @@ class CaptionDataModule(_BindingDataModule):
         self.skipped_in_shards: dict[str, int] = {}
 
     def _pairs(self, path: str) -> list:
-        from synth.ingest import index_webdataset
+        from synth.selection.ingest import index_webdataset
 
         if path.endswith(".tar") or os.path.isdir(path):
             shard_pairs, skipped = index_webdataset(path)

@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from synth.schema import IMAGE_PLACEHOLDER, Conversation, SchemaError, Turn
+from synth.data.schema import IMAGE_PLACEHOLDER, Conversation, SchemaError, Turn
 
 IGNORE_INDEX = -100
 #: The token whose embeddings are replaced by an image's query outputs.

@@ -21,7 +21,7 @@ from torch import nn
 from datamodules.rendering import OutputImage
 from heads.base import GenerationHead, SDXLCondition, untargeted_image
 from heads.sdxl_targets import SDXLTargetCache
-from synth.zoo import ModelSource
+from synth.model_parts import ModelSource
 
 LossKind = Literal["mse", "l2", "cosine"]
 
@@ -67,7 +67,7 @@ class SDXLEmbeddingHead(GenerationHead):
                 ``torch.randn``; BLIP-2's query tokens: 0.02).
             dropout: the Q-Former's dropout (GILL's mapper: 0.0; BLIP-2's Q-Former: 0.1).
         """
-        from synth.zoo.sdxl import DEFAULT_SDXL
+        from synth.model_parts.sdxl import DEFAULT_SDXL
 
         sdxl_source = ModelSource.parse(sdxl if sdxl is not None else DEFAULT_SDXL)
         super().__init__(target_cache=target_cache, sdxl=sdxl_source.__dict__ if sdxl is not None else None,
@@ -92,7 +92,7 @@ class SDXLEmbeddingHead(GenerationHead):
     def bind(self, tokenizer, input_embeddings: torch.Tensor, output_embeddings: torch.Tensor) -> None:
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-        from synth.zoo.sdxl import sdxl_text_dims
+        from synth.model_parts.sdxl import sdxl_text_dims
 
         super().bind(tokenizer, input_embeddings, output_embeddings)
         tokens, prompt_dim, pooled_dim = sdxl_text_dims(self.sdxl_source)

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from synth.atomic import atomic_path
-from synth.zoo import ModelSource
+from synth.model_parts import ModelSource
 
 
 def caption_key(caption: str) -> str:
@@ -49,7 +49,7 @@ class SDXLTargetCache:
         """Encode every caption not yet cached; return how many were computed."""
         from safetensors.torch import save_file
 
-        from synth.zoo.sdxl import build_sdxl_text_encoders
+        from synth.model_parts.sdxl import build_sdxl_text_encoders
 
         todo = self.missing(captions)
         if not todo:

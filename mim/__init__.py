@@ -3,10 +3,10 @@
 The model and its LightningModule (:class:`MIM`), and the ``mim`` command line.
 """
 
-from mim.chat import MIMChat
-from mim.export import load_model
-from mim.generation import GenerationResult, GenerationSettings, ImagePart, TextPart
-from mim.model import MIM, LoraSettings
+from mim.inference.chat import MIMChat
+from mim.modeling.directory import load_model
+from mim.inference.interleaved import GenerationResult, GenerationSettings, ImagePart, TextPart
+from mim.modeling.mim_model import MIM, LoraSettings
 
 __all__ = ["MIM", "GenerationResult", "GenerationSettings", "ImagePart", "LoraSettings", "MIMChat", "TextPart",
            "load_model"]

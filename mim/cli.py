@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import sys
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+from mim.training_cli import LIGHTNING_COMMANDS
 
 
 def _functions() -> dict:
     """The non-Lightning commands: name -> function whose signature and docstring are its flags."""
-    from mim.ablation import run_ablation
-    from mim.batch_inference import generate
-    from mim.convert import convert
-    from mim.evaluate import evaluate
+    from mim.evaluation.head_ablation import run_ablation
+    from mim.inference.reply_files import generate
+    from mim.modeling.directory import convert
+    from mim.evaluation.held_out import evaluate
     from mim.quickstart import quickstart
-    from mim.serve import serve
-    from mim.terminal import chat
+    from mim.serving.web_demo import serve
+    from mim.inference.terminal_chat import chat
 
     def export(ckpt: str, out: str, sdxl: dict | str | None = None, refiner: dict | str | None = None,
                merge_lora: bool = False) -> int:
@@ -36,7 +36,7 @@ def _functions() -> dict:
             merge_lora: fold LoRA adapters into the LLM and write it whole under ``out/llm`` (a plain
                 transformers checkpoint); without it a LoRA export holds only the adapters.
         """
-        from mim.export import export_checkpoint, source_record
+        from mim.modeling.directory import export_checkpoint, source_record
 
         export_checkpoint(ckpt, out, sdxl=source_record(sdxl), refiner=source_record(refiner),
                           merge_lora=merge_lora)
@@ -45,32 +45,6 @@ def _functions() -> dict:
 
     return {"quickstart": quickstart, "ablation": run_ablation, "chat": chat, "serve": serve, "convert": convert,
             "export": export, "evaluate": evaluate, "generate": generate}
-
-
-def lightning_cli(args: list[str] | None = None, run: bool = True):
-    """The LightningCLI behind ``mim fit`` (``run=False`` builds without running, as tests do)."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
-
-    from synth.resolvers import register_resolvers
-    from mim.model import MIM
-
-    class MIMCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            # parts are built in configure_model, under the strategy's context (FSDP: sharded, per rank)
-            parser.set_defaults({"model.lazy": True})
-
-    register_resolvers()
-    return MIMCLI(
-        MIM,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        parser_kwargs={"parser_mode": "omegaconf"} if run else {"parser_mode": "omegaconf", "exit_on_error": False},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         from synth.resolvers import config_error_message
 
         try:
+            from mim.training_cli import lightning_cli
+
             lightning_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
         except OmegaConfBaseException as error:  # a config that cannot resolve, e.g. a missing package
             print(f"mim {command}: {config_error_message(error)}", file=sys.stderr)

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from synth.conversation_io import read_conversations
+from synth.data.conversation_io import read_conversations
 from synth.samples import CONVERSATIONS_FILE, LLAVA_CONVERSATIONS_FILE, sample_image_dir
-from synth.schema import Conversation
-from synth.stats import describe
-from synth.zoo import ModelSource, build_blip2, build_clip, build_llm, build_sdxl
-from synth.zoo.llm import chat_template_name
-from synth.zoo.health import input_share
+from synth.data.schema import Conversation
+from synth.statistics.stats import describe
+from synth.model_parts import ModelSource, build_blip2, build_clip, build_llm, build_sdxl
+from synth.model_parts.llm import chat_template_name
+from synth.model_parts.health import input_share
 
 PARTS = ("llm", "blip2", "clip", "sdxl")
 

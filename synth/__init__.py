@@ -3,8 +3,12 @@
 Imports without Lightning: the pipeline runs on machines that never train.
 """
 
-from synth.conversation_io import ReadReport, iter_conversations, read_conversations, write_conversations
-from synth.schema import IMAGE_PLACEHOLDER, Conversation, Location, SchemaError, Turn, validate
+from synth.moved_modules import install as _install_moved_modules
+
+_install_moved_modules()
+
+from synth.data.conversation_io import ReadReport, iter_conversations, read_conversations, write_conversations
+from synth.data.schema import IMAGE_PLACEHOLDER, Conversation, Location, SchemaError, Turn, validate
 
 __all__ = [
     "IMAGE_PLACEHOLDER", "Conversation", "Location", "ReadReport", "SchemaError", "Turn",

@@ -16,7 +16,7 @@ def validate(paths: list[Path], format: str = "auto", max_errors: int = 20) -> i
         format: auto, textbind or llava.
         max_errors: how many rejections to print in full (all are counted).
     """
-    from synth.conversation_io import read_conversations
+    from synth.data.conversation_io import read_conversations
 
     _, report = read_conversations(paths, on_error="skip", format=format)
     for error in report.rejected[:max_errors]:
@@ -34,8 +34,8 @@ def describe(paths: list[Path], format: str = "auto") -> int:
         paths: JSON or JSONL files in the TextBind or LLaVA format; bad records are skipped and counted.
         format: auto, textbind or llava.
     """
-    from synth.conversation_io import read_conversations
-    from synth.stats import describe as describe_conversations
+    from synth.data.conversation_io import read_conversations
+    from synth.statistics.stats import describe as describe_conversations
 
     conversations, report = read_conversations(paths, on_error="skip", format=format)
     print(report.summary())
@@ -47,7 +47,7 @@ def describe(paths: list[Path], format: str = "auto") -> int:
 
 def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | None = None,
                     max_errors: int = 20) -> int:
-    """Convert a source dataset in its published format (``synth.sources``) into TextBind-format JSONL.
+    """Convert a source dataset in its published format (``synth.data.sources``) into TextBind-format JSONL.
 
     Args:
         paths: the source files (e.g. Open-Platypus JSON/parquet, MiniGPT-4's filter_cap.json).
@@ -56,7 +56,7 @@ def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | 
         image_dir: recorded as every record's ``image_dir`` (relative to where training resolves images).
         max_errors: how many rejections to print in full (all are counted).
     """
-    from synth.conversation_io import read_conversations, write_conversations
+    from synth.data.conversation_io import read_conversations, write_conversations
 
     conversations, report = read_conversations(paths, on_error="skip", format=format)
     for conversation in conversations:
@@ -72,8 +72,8 @@ def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | 
 def download_images_command(paths: list[Path], image_root: Path, complete: Path | None, workers: int,
                             timeout: float, attempts: int, size: int, failures: Path | None) -> int:
     """Download the images of released TextBind conversations (their url_list), resized and padded as the release."""
-    from synth.conversation_io import read_conversations, write_conversations
-    from synth.download import download_images
+    from synth.data.conversation_io import read_conversations, write_conversations
+    from synth.data.download import download_images
 
     conversations, read = read_conversations(paths, on_error="skip")
     print(read.summary())
@@ -90,7 +90,7 @@ def download_images_command(paths: list[Path], image_root: Path, complete: Path 
 def build_parser():
     import argparse
 
-    from synth.conversation_io import FORMATS
+    from synth.data.conversation_io import FORMATS
 
     parser = argparse.ArgumentParser(prog="synth", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,7 +147,7 @@ def build_parser():
 def run_annotate(config_path: Path, overrides: list[str], limit: int | None, include_rejected: bool) -> int:
     import json
 
-    from synth.annotate import annotate
+    from synth.review.annotate import annotate
     from synth.config import load_config
 
     config = load_config(config_path, overrides)
@@ -172,7 +172,7 @@ EXIT_INCOMPLETE = 3
 def run_stages(command: str, config_path: Path, overrides: list[str], force: bool, until: str | None) -> int:
     """Run a stage or the pipeline; exit 0 only when every stage asked for finished and produced something."""
     from synth.config import load_config
-    from synth.generate import GenerationAborted
+    from synth.generation.generate import GenerationAborted
     from synth.pipeline import StageIncomplete, produced_nothing, run_all, run_stage
 
     try:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synth.ingest import IngestSource
-from synth.zoo.clip import DEFAULT_CLIP
+from synth.selection.ingest import IngestSource
+from synth.model_parts.clip import DEFAULT_CLIP
 
 
 @dataclass
@@ -80,7 +80,7 @@ class GenerateConfig:
     seed_set: str | None = None  # JSONL of labelled examples; None: the bundled Appendix B seeds
     num_examples: int = 3  # section 3.3: three in-context examples per prompt
     seed: int = 0
-    # USD per million tokens by model, over the built-in table (synth.costs.DEFAULT_PRICES), e.g.
+    # USD per million tokens by model, over the built-in table (synth.generation.costs.DEFAULT_PRICES), e.g.
     # {my-model: {prompt: 0.2, completion: 0.2}}; a model with no price is reported in tokens only
     prices: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None  # counts prompt tokens for the estimate (hub id or directory); else tiktoken/4 chars

@@ -31,7 +31,7 @@ import numpy as np
 
 from synth.atomic import atomic_path, atomic_write_text
 from synth.config import SynthConfig
-from synth.pairs import read_pairs
+from synth.data.pairs import read_pairs
 
 STAGES = ("ingest", "score", "cluster", "sample", "generate", "filter", "stats")
 #: The config sections each stage's output depends on (its own and those upstream).
@@ -113,7 +113,7 @@ def _require(config: SynthConfig, stage: str) -> None:
 # --- the stages -----------------------------------------------------------------------
 
 def run_ingest(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from synth.ingest import ingest, write_ingest
+    from synth.selection.ingest import ingest, write_ingest
 
     section = config.ingest
     result = ingest(section.sources, section.verify_images, section.max_caption_chars, section.max_image_pixels)
@@ -127,7 +127,7 @@ def run_ingest(config: SynthConfig, log: Callable[[str], None] = print) -> dict[
 
 def run_score(config: SynthConfig, log: Callable[[str], None] = print,
               on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-    from synth.embed import Ranks, embed_pairs, load_shard
+    from synth.selection.embed import Ranks, embed_pairs, load_shard
 
     _require(config, "score")
     pairs = list(read_pairs(stage_dir(config, "ingest") / "pairs.jsonl"))
@@ -152,8 +152,8 @@ def run_score(config: SynthConfig, log: Callable[[str], None] = print,
 
 
 def run_cluster(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from synth.cluster import kmeans
-    from synth.embed import load_embeddings
+    from synth.selection.cluster import kmeans
+    from synth.selection.embed import load_embeddings
 
     _require(config, "cluster")
     shards = sorted(stage_dir(config, "score").glob("shard-*.npz"))
@@ -167,6 +167,8 @@ def run_cluster(config: SynthConfig, log: Callable[[str], None] = print) -> dict
     with atomic_path(out / "centroids.npy") as temporary, temporary.open("wb") as handle:
         np.save(handle, result.centroids)
     summary = {"pairs_scored": total, "pairs_kept": int(len(ids)), "k": section.k,
+               # FAISS advises at least 39 points per cluster; the paper's CC3M run has ~700 (section 4.1)
+               "points_per_cluster": round(len(ids) / section.k, 1),
                "clusters_kept": int(result.kept.sum()), "images_in_kept_clusters": int(result.sizes[result.kept].sum()),
                "inertia": result.inertia}
     atomic_write_text(out / "clusters.json", json.dumps(
@@ -175,7 +177,7 @@ def run_cluster(config: SynthConfig, log: Callable[[str], None] = print) -> dict
 
 
 def run_sample(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from synth.sampling import sample_groups
+    from synth.selection.sampling import sample_groups
 
     _require(config, "sample")
     out = stage_dir(config, "cluster")
@@ -199,11 +201,11 @@ def run_sample(config: SynthConfig, log: Callable[[str], None] = print) -> dict[
 def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     import asyncio
 
-    from synth.backends import build_backend
-    from synth.costs import TokenCounter, estimate, price_for, price_table
-    from synth.generate import Budget, RetryPolicy, generate_groups, group_prompt, pending_groups, read_done, \
+    from synth.generation.backends import build_backend
+    from synth.generation.costs import TokenCounter, estimate, price_for, price_table
+    from synth.generation.generate import Budget, RetryPolicy, generate_groups, group_prompt, pending_groups, read_done, \
         read_groups
-    from synth.prompt import SEED_SET_FILE, read_seed_set
+    from synth.generation.prompt import SEED_SET_FILE, read_seed_set
 
     _require(config, "generate")
     section = config.generate
@@ -214,7 +216,7 @@ def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dic
     model = "offline" if offline else section.model
     price = None if offline else price_for(section.model, price_table(section.prices))
     if section.backend == "local":
-        from synth.zoo import ModelSource
+        from synth.model_parts import ModelSource
 
         source = ModelSource.parse(section.local if section.local is not None else section.model)
         settings = dict(source=source, temperature=section.temperature, top_p=section.top_p,
@@ -245,7 +247,7 @@ def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dic
         section.num_examples, section.seed, expected_completion_tokens=expected, budget=budget,
         max_consecutive_failures=section.max_consecutive_failures, count_tokens=counter.count))
     generated = len(read_done(out / "generations.jsonl"))
-    from synth.filtering import FilterRules, format_adherence
+    from synth.review.filtering import FilterRules, format_adherence
 
     adherence = format_adherence(out / "generations.jsonl", FilterRules(**asdict(config.filter))) \
         if (out / "generations.jsonl").exists() else {}
@@ -276,7 +278,7 @@ def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dic
 
 
 def run_filter(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from synth.filtering import FilterRules, filter_generations
+    from synth.review.filtering import FilterRules, filter_generations
 
     _require(config, "filter")
     return filter_generations(stage_dir(config, "generate") / "generations.jsonl", stage_dir(config, "filter"),
@@ -284,9 +286,9 @@ def run_filter(config: SynthConfig, log: Callable[[str], None] = print) -> dict[
 
 
 def run_stats(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from synth.conversation_io import read_conversations
-    from synth.plots import plot_counts, plot_image_positions
-    from synth.stats import conversation_diversity, dataset_stats, describe, image_positions, quality_indicators
+    from synth.data.conversation_io import read_conversations
+    from synth.statistics.plots import plot_counts, plot_image_positions
+    from synth.statistics.stats import conversation_diversity, dataset_stats, describe, image_positions, quality_indicators
 
     _require(config, "stats")
     conversations, _ = read_conversations(stage_dir(config, "filter") / "conversations.jsonl")
@@ -324,7 +326,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
 
 def run_stage(config: SynthConfig, stage: str, force: bool = False, log: Callable[[str], None] = print) -> bool:
     """Run one stage unless it is finished; return whether it ran. ``force`` redoes it and invalidates later ones."""
-    from synth.embed import Ranks
+    from synth.selection.embed import Ranks
 
     ranks = Ranks.from_environment()
     if ranks.world > 1 and stage != "score":

@@ -21,7 +21,7 @@ def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from heads import LanguageDescriptionHead
-    from mim.model import MIM
+    from mim.modeling.mim_model import MIM
 
     torch.manual_seed(0)
     model = MIM(LanguageDescriptionHead(), blip2="tiny", stage="instruction", lazy=True, **settings)

@@ -20,8 +20,8 @@ from PIL import Image
 
 from heads import LanguageDescriptionHead
 from mim import MIM, MIMChat, load_model
-from mim.export import save_directory
-from mim.generation import GenerationSettings, ImagePart
+from mim.modeling.directory import save_directory
+from mim.inference.interleaved import GenerationSettings, ImagePart
 from synth.samples import sample_pairs
 
 TINY = {"preset": "tiny"}
@@ -123,7 +123,7 @@ def test_control_tokens_typed_by_a_user_stay_text(model_dir: Path) -> None:
 
 
 def test_terminal_chat_attaches_images_and_saves_generated_ones(model_dir: Path, tmp_path: Path) -> None:
-    from mim.terminal import chat_loop
+    from mim.inference.terminal_chat import chat_loop
 
     chat = MIMChat.from_pretrained(model_dir)
     chat.settings = settings(chat.generator.model)
@@ -140,7 +140,7 @@ def test_terminal_chat_attaches_images_and_saves_generated_ones(model_dir: Path,
 
 
 def test_scripted_chat_exits_non_zero_on_errors(model_dir: Path, tmp_path: Path, capsys) -> None:
-    from mim.terminal import chat
+    from mim.inference.terminal_chat import chat
 
     common = dict(image_size=64, num_inference_steps=2, max_new_tokens=4, out_dir=str(tmp_path / "out"))
     photo(0).save(tmp_path / "a.png")
@@ -160,7 +160,7 @@ def released_state(model: MIM, transformers_431: bool = True) -> tuple[dict, tor
     <image>, <start>, <end>, and (transformers 4.31) a persistent rotary inv_freq buffer in every layer."""
     from transformers import Blip2QFormerModel, LlamaForCausalLM
 
-    from synth.zoo.llm import tiny_llama_config
+    from synth.model_parts.llm import tiny_llama_config
 
     torch.manual_seed(7)
     base = 768  # the tiny tokenizer's own vocabulary, before its special tokens
@@ -216,7 +216,7 @@ def test_convert_released_checkpoint_matches_a_direct_load(tmp_path: Path) -> No
 
 
 def test_a_released_stage1_file_starts_stage2_and_is_refused_by_convert(tmp_path: Path) -> None:
-    from mim.convert import convert_released
+    from mim.modeling.released_checkpoint import convert_released
 
     state, _ = released_state(tiny_model())
     stage1 = {k: v for k, v in state.items() if not k.startswith("language_model.")}  # save_modules of stage 1
@@ -230,7 +230,7 @@ def test_a_released_stage1_file_starts_stage2_and_is_refused_by_convert(tmp_path
 
 
 def test_released_rotary_buffers_must_match_the_base_llm() -> None:
-    from mim.convert import convert_released
+    from mim.modeling.released_checkpoint import convert_released
 
     state, _ = released_state(tiny_model())
     key = "language_model.model.layers.0.self_attn.rotary_emb.inv_freq"
@@ -240,7 +240,7 @@ def test_released_rotary_buffers_must_match_the_base_llm() -> None:
 
 
 def test_convert_refuses_unknown_keys_and_incomplete_token_lists(tmp_path: Path) -> None:
-    from mim.convert import convert_released
+    from mim.modeling.released_checkpoint import convert_released
 
     model = tiny_model()
     state, _ = released_state(model)
@@ -262,7 +262,7 @@ class FakeChat:
         self.sent: list = []
 
     def send(self, text, images):
-        from mim.generation import GenerationResult, TextPart
+        from mim.inference.interleaved import GenerationResult, TextPart
 
         self.sent.append((text, images))
         return GenerationResult([TextPart(f"turn {len(self.sent)}")])
@@ -270,7 +270,7 @@ class FakeChat:
 
 @pytest.fixture()
 def service_url():
-    from mim.serve import ChatService, DemoServer, make_handler
+    from mim.serving.web_demo import ChatService, DemoServer, make_handler
 
     service = ChatService(FakeChat, max_text_chars=50, max_images=2, max_request_bytes=200_000)
     server = DemoServer(("127.0.0.1", 0), make_handler(service))

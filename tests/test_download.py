@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from synth import read_conversations
-from synth.download import download_images, resize_and_pad
+from synth.data.download import download_images, resize_and_pad
 
 
 def png(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:

@@ -13,10 +13,10 @@ from PIL import Image
 
 from heads import LanguageDescriptionHead
 from mim import MIM
-from mim.evaluate import ReferenceResponder, condition_fingerprint, evaluate, evaluate_cases, replay_cases
-from mim.export import save_directory
+from mim.evaluation.held_out import ReferenceResponder, condition_fingerprint, evaluate, evaluate_cases, replay_cases
+from mim.modeling.directory import save_directory
 from synth.samples import CONVERSATIONS_FILE, sample_image_dir
-from synth.zoo import build_clip
+from synth.model_parts import build_clip
 
 TINY = {"preset": "tiny"}
 
@@ -53,7 +53,7 @@ def test_the_reference_answering_itself_scores_perfectly(tmp_path: Path) -> None
 
 
 def test_a_model_that_never_draws_gets_zero_recall(tmp_path: Path) -> None:
-    from mim.generation import GenerationResult, TextPart
+    from mim.inference.interleaved import GenerationResult, TextPart
 
     class Silent:
         def respond(self, cases, seeds):
@@ -127,7 +127,7 @@ def make_mme(root: Path) -> None:
 
 
 def test_mme_is_scored_as_its_official_tool(tmp_path: Path) -> None:
-    from mim.benchmarks import load_mme, mme_label, score_mme, write_mme_results
+    from mim.evaluation.mme_mmbench import load_mme, mme_label, score_mme, write_mme_results
 
     make_mme(tmp_path / "MME")
     items = load_mme(tmp_path / "MME")
@@ -161,7 +161,7 @@ def make_mmbench(path: Path) -> None:
 
 
 def test_mmbench_is_scored_with_circular_eval(tmp_path: Path) -> None:
-    from mim.benchmarks import load_mmbench, mmbench_choice, score_mmbench
+    from mim.evaluation.mme_mmbench import load_mmbench, mmbench_choice, score_mmbench
 
     make_mmbench(tmp_path / "mmbench.tsv")
     items = load_mmbench(tmp_path / "mmbench.tsv")
@@ -181,8 +181,8 @@ def test_mmbench_is_scored_with_circular_eval(tmp_path: Path) -> None:
 
 
 def test_benchmark_answers_are_written_as_they_come_and_resumed(tmp_path: Path) -> None:
-    from mim.benchmarks import load_mme
-    from mim.evaluate import answer_benchmark
+    from mim.evaluation.mme_mmbench import load_mme
+    from mim.evaluation.held_out import answer_benchmark
 
     make_mme(tmp_path / "MME")
     items = load_mme(tmp_path / "MME")

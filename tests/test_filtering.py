@@ -9,13 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from synth.annotate import annotate
-from synth.conversation_io import read_conversations
-from synth.dialogue_parser import ParseRejection, description_distance, parse_dialogue
-from synth.filtering import filter_generations
-from synth.prompt import read_seed_set
-from synth.schema import Conversation, Turn
-from synth.stats import balance, image_positions, quality_indicators
+from synth.review.annotate import annotate
+from synth.data.conversation_io import read_conversations
+from synth.generation.dialogue_parser import ParseRejection, description_distance, parse_dialogue
+from synth.review.filtering import filter_generations
+from synth.generation.prompt import read_seed_set
+from synth.data.schema import Conversation, Turn
+from synth.statistics.stats import balance, image_positions, quality_indicators
 
 CAPTIONS = ["a red double-decker bus on a london street", "big ben at sunset", "a cup of tea with milk"]
 GOOD = ("Human: I visited London last week! <img0> a red double-decker bus on a london street </img0>\n\n"
@@ -230,7 +230,7 @@ RELEASED_CASES = {
 
 @pytest.mark.parametrize("reason", sorted(RELEASED_CASES))
 def test_each_released_rule_drops_its_case_and_can_be_switched_off(reason: str) -> None:
-    from synth.filtering import FilterRules, to_conversation
+    from synth.review.filtering import FilterRules, to_conversation
 
     record = {"group_id": "g", "pairs": [{"id": f"p{i}", "image": f"{i}.png", "caption": c}
                                          for i, c in enumerate(CAPTIONS)], "output": RELEASED_CASES[reason]}
@@ -241,7 +241,7 @@ def test_each_released_rule_drops_its_case_and_can_be_switched_off(reason: str) 
 
 
 def test_a_trailing_user_turn_is_dropped_by_default() -> None:
-    from synth.filtering import FilterRules, to_conversation
+    from synth.review.filtering import FilterRules, to_conversation
 
     output = GOOD + "\n\nHuman: Thanks, bye!"
     record = {"group_id": "g", "pairs": [{"id": f"p{i}", "image": f"{i}.png", "caption": c}
@@ -253,7 +253,7 @@ def test_a_trailing_user_turn_is_dropped_by_default() -> None:
 def test_a_repeated_response_is_dropped(tmp_path: Path) -> None:
     from PIL import Image
 
-    from synth.filtering import FilterRules
+    from synth.review.filtering import FilterRules
 
     images = []
     for i in range(3):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from synth.loopback_server import ChatServer, captions_from_prompt
-from synth.backends import BackendError, OfflineComposer, OpenAIChatBackend
-from synth.generate import RateLimiter, RetryPolicy, generate_groups, read_done
-from synth.prompt import CHARACTERISTICS, SeedExample, choose_examples, read_seed_set, render_prompt, render_template
+from synth.testing import ChatServer, captions_from_prompt
+from synth.generation.backends import BackendError, OfflineComposer, OpenAIChatBackend
+from synth.generation.generate import RateLimiter, RetryPolicy, generate_groups, read_done
+from synth.generation.prompt import CHARACTERISTICS, SeedExample, choose_examples, read_seed_set, render_prompt, render_template
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "appendix_a.txt"
@@ -193,7 +193,7 @@ def test_cut_last_line_is_repaired_on_rerun(tmp_path: Path) -> None:
 
 
 def test_offline_composer_output_passes_the_filter() -> None:
-    from synth.dialogue_parser import parse_dialogue
+    from synth.generation.dialogue_parser import parse_dialogue
 
     for size in (2, 3, 4):
         captions = [f"caption number {i}" for i in range(size)]
@@ -291,7 +291,7 @@ def test_a_run_where_every_request_fails_exits_non_zero(sampled: Path, tmp_path:
 
 
 def test_an_endpoint_that_fails_every_group_stops_the_run(tmp_path: Path) -> None:
-    from synth.generate import GenerationAborted
+    from synth.generation.generate import GenerationAborted
 
     with ChatServer(plan=lambda n, body: "500") as server:
         backend = OpenAIChatBackend("m", server.url, api_key_env="NONE", timeout=2)
@@ -333,7 +333,7 @@ def test_an_unknown_or_local_model_is_reported_in_tokens_not_dollars(sampled: Pa
 
 
 def test_prices_come_from_a_table_the_config_extends() -> None:
-    from synth.costs import Price, price_for, price_table
+    from synth.generation.costs import Price, price_for, price_table
 
     table = price_table({"my-local-llama": {"prompt": 0.0, "completion": 0.0}, "gpt-4": {"prompt": 1,
                                                                                        "completion": 2}})

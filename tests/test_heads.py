@@ -14,9 +14,9 @@ from datamodules import ConversationDataModule, ConversationSource
 from heads import LanguageDescriptionHead, PromptTokensHead, QFormerMediumHead, SDXLTargetCache
 from heads.embedding_medium import regression_loss
 from mim import MIM
-from mim.generation import GenerationSettings, InterleavedGenerator
+from mim.inference.interleaved import GenerationSettings, InterleavedGenerator
 from synth.samples import CONVERSATIONS_FILE, sample_image_dir, sample_pairs
-from synth.zoo import build_sdxl
+from synth.model_parts import build_sdxl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"preset": "tiny"}
@@ -254,7 +254,7 @@ def test_head_pretraining_lowers_the_mse_on_held_out_captions(tmp_path: Path) ->
     """GILL-style: the LLM frozen, only the head learns caption -> SDXL embedding, on the release's
     image-generation requests; then captions it never saw are predicted better than before."""
     from datamodules import CaptionDataModule
-    from synth.ingest import IngestSource, ingest, write_ingest
+    from synth.selection.ingest import IngestSource, ingest, write_ingest
 
     write_ingest(ingest([IngestSource(kind="samples")]), tmp_path)
     lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
@@ -306,7 +306,7 @@ def test_gill_options_of_the_prompt_token_head(tmp_path: Path) -> None:
 
 
 def test_a_trigger_loss_weight_makes_the_decision_to_draw_its_own_term(tmp_path: Path) -> None:
-    from mim.model import MIM as Model
+    from mim.modeling.mim_model import MIM as Model
 
     torch.manual_seed(0)
     weighted = Model(head=LanguageDescriptionHead(trigger_loss_weight=0.5), llm=TINY, blip2=TINY).eval()

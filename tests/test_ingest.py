@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synth.ingest import IngestSource, ingest, write_ingest
-from synth.pairs import open_image, pair_id, read_pairs
+from synth.selection.ingest import IngestSource, ingest, write_ingest
+from synth.data.pairs import open_image, pair_id, read_pairs
 
 
 def png_bytes(color: tuple[int, int, int], size: int = 16) -> bytes:
@@ -221,7 +221,7 @@ def test_a_decompression_bomb_and_a_truncated_jpeg_are_rejected_pairs(tmp_path: 
 def test_the_score_stage_records_an_image_that_stopped_decoding_and_goes_on(tmp_path: Path) -> None:
     from fixture_images import truncated_jpeg
 
-    from synth.embed import embed_pairs, load_embeddings, load_shard
+    from synth.selection.embed import embed_pairs, load_embeddings, load_shard
 
     (tmp_path / "a.png").write_bytes(png_bytes((1, 2, 3)))
     (tmp_path / "b.jpg").write_bytes(jpeg_bytes(4))
@@ -239,8 +239,8 @@ def test_the_score_stage_records_an_image_that_stopped_decoding_and_goes_on(tmp_
 
 def test_a_cut_shard_keeps_only_whole_samples_and_later_readers_do_not_crash(tmp_path: Path) -> None:
     from datamodules import CaptionDataModule
-    from synth.embed import embed_pairs
-    from synth.ingest import index_webdataset
+    from synth.selection.embed import embed_pairs
+    from synth.selection.ingest import index_webdataset
 
     path = tmp_path / "cut.tar"
     with tarfile.open(path, "w") as tar:

@@ -9,9 +9,9 @@ from PIL import Image
 
 from heads import LanguageDescriptionHead
 from mim import MIM
-from mim.generation import GenerationSettings, ImagePart, InterleavedGenerator, TextPart
+from mim.inference.interleaved import GenerationSettings, ImagePart, InterleavedGenerator, TextPart
 from synth.samples import sample_pairs
-from synth.zoo import build_sdxl
+from synth.model_parts import build_sdxl
 
 TINY = {"preset": "tiny"}
 
@@ -66,7 +66,7 @@ def test_image_cap_and_greedy_decoding(generator: InterleavedGenerator) -> None:
 
 def test_caption_branch_is_removed_from_the_context(generator: InterleavedGenerator) -> None:
     """After an image, the context holds the image, not the caption: same as training."""
-    from mim.generation import _Context
+    from mim.inference.interleaved import _Context
 
     model = generator.model
     context = _Context(model)
@@ -86,7 +86,7 @@ def test_placeholder_image_mismatch_is_an_error(generator: InterleavedGenerator)
 
 def test_greedy_first_token_matches_the_training_forward(generator: InterleavedGenerator) -> None:
     """The cached, incremental path scores the next token exactly as the batch forward does."""
-    from mim.generation import _Context
+    from mim.inference.interleaved import _Context
 
     model = generator.model
     embeds = generator.prompt_embeddings([{"role": "user", "content": "Hello there"}])
@@ -101,7 +101,7 @@ def test_greedy_first_token_matches_the_training_forward(generator: InterleavedG
 def test_the_inference_prompt_is_tokenized_as_training_renders_it(generator: InterleavedGenerator) -> None:
     """Text around images at inference is encoded exactly as the training sequence has it."""
     from datamodules import render_conversation
-    from synth.schema import Conversation, Turn
+    from synth.data.schema import Conversation, Turn
 
     model = generator.model
     content = messages()[0]["content"]
@@ -120,7 +120,7 @@ def test_the_inference_prompt_is_tokenized_as_training_renders_it(generator: Int
 def test_the_refiner_finishes_every_head_s_image(generator: InterleavedGenerator) -> None:
     """Text prompts (language head) and predicted embeddings (MSE heads) both go through base then refiner."""
     from heads.base import SDXLCondition
-    from synth.zoo.sdxl import build_sdxl_refiner
+    from synth.model_parts.sdxl import build_sdxl_refiner
 
     base = generator.sdxl
     refined = InterleavedGenerator(generator.model, base, build_sdxl_refiner("tiny", base))
@@ -137,7 +137,7 @@ def test_batched_generation_gives_each_row_what_it_gets_alone(head_name: str, tm
     """Three conversations of different lengths, each drawing an image at some point: the batched generator
     (left padding, masked columns, per-row positions, captions masked out) matches one-by-one generation."""
     from heads import PromptTokensHead, QFormerMediumHead
-    from mim.batched import BatchedGenerator
+    from mim.inference.batched import BatchedGenerator
 
     options = dict(target_cache=str(tmp_path), sdxl=TINY, hidden_size=32, num_layers=1, num_heads=4)
     head = {"language": LanguageDescriptionHead, "prompt_tokens": lambda: PromptTokensHead(**options),

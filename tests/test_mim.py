@@ -14,7 +14,7 @@ from heads import GenerationHead, LanguageDescriptionHead, SDXLCondition
 from datamodules.rendering import OutputImage
 from mim import MIM
 from synth.samples import CONVERSATIONS_FILE, sample_image_dir
-from synth.schema import Conversation, Turn
+from synth.data.schema import Conversation, Turn
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"preset": "tiny"}
@@ -166,7 +166,7 @@ def test_vision_encoder_gets_no_gradient_and_alignment_reaches_the_qformer() -> 
 def fit_tiny(tmp_path: Path, stage: str, init_from: str | None = None, steps: int = 3) -> tuple[Path, MIM]:
     """Train a tiny MIM for a few steps; its checkpoint and the trained module itself."""
     from datamodules import CaptionDataModule
-    from synth.ingest import IngestSource, ingest, write_ingest
+    from synth.selection.ingest import IngestSource, ingest, write_ingest
 
     L.seed_everything(0)
     model = tiny_mim(stage=stage, init_from=init_from)
@@ -212,7 +212,7 @@ def test_checkpoints_hold_what_trained_load_safely_and_reproduce_logits(tmp_path
 
 
 def test_export_of_a_stage2_checkpoint_needs_no_stage1_file(tmp_path: Path) -> None:
-    from mim.export import export_checkpoint, load_model
+    from mim.modeling.directory import export_checkpoint, load_model
 
     stage1, _ = fit_tiny(tmp_path, "alignment", steps=1)
     stage2, trained = fit_tiny(tmp_path, "instruction", init_from=str(stage1), steps=1)
@@ -257,7 +257,7 @@ class EchoHead(GenerationHead):
 
 
 def cli(args: list[str]):
-    from mim.cli import lightning_cli
+    from mim.training_cli import lightning_cli
 
     return lightning_cli(args, run=False)
 
@@ -284,8 +284,8 @@ def test_paper_configs_parse_and_build_from_local_checkpoints(name: str, tmp_pat
     the from_pretrained path runs; nothing is downloaded."""
     from transformers import Blip2ForConditionalGeneration
 
-    from synth.zoo import build_blip2, build_llm
-    from synth.zoo.blip2 import tiny_blip2_config
+    from synth.model_parts import build_blip2, build_llm
+    from synth.model_parts.blip2 import tiny_blip2_config
 
     llm = build_llm("tiny")
     llm.model.save_pretrained(tmp_path / "llm")
@@ -344,7 +344,7 @@ def test_fit_runs_from_the_shell_and_writes_a_checkpoint(tmp_path: Path) -> None
     import subprocess
     import sys
 
-    from synth.ingest import IngestSource, ingest, write_ingest
+    from synth.selection.ingest import IngestSource, ingest, write_ingest
 
     write_ingest(ingest([IngestSource(kind="samples")]), tmp_path / "ingest")
     mim = Path(sys.executable).parent / "mim"

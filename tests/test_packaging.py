@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mim.quickstart import PARTS, load_model_sources
-from synth.zoo import ModelSource
+from synth.model_parts import ModelSource
 
 REPO = Path(__file__).resolve().parents[1]
 #: DESIGN.md: synth <- datamodules <- heads <- mim; a package never imports one to its right.
@@ -49,8 +49,8 @@ def test_synth_imports_without_lightning() -> None:
         "        if name.split('.')[0] in ('lightning', 'pytorch_lightning'):\n"
         "            raise ImportError('lightning is blocked in this test')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import synth, synth.cli, synth.stats, synth.samples, synth.zoo\n"
-        "from synth.zoo import build_clip\n"
+        "import synth, synth.cli, synth.statistics.stats, synth.samples, synth.model_parts\n"
+        "from synth.model_parts import build_clip\n"
         "build_clip('tiny')\n"
         "print('ok')\n"
     )
@@ -105,8 +105,8 @@ def test_a_model_config_naming_a_missing_package_says_how_to_install_it(tmp_path
 
 
 def test_quickstart_names_the_chat_template_a_tokenizer_really_has() -> None:
-    from synth.zoo import build_llm
-    from synth.zoo.llm import chat_template_name
+    from synth.model_parts import build_llm
+    from synth.model_parts.llm import chat_template_name
 
     tokenizer = build_llm("tiny").tokenizer
     assert chat_template_name(tokenizer) == "Llama-2 chat template"

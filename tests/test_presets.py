@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from colour_squares import COLOURS, square
-from synth.zoo import build_blip2, build_clip, build_llm, build_sdxl
-from synth.zoo.health import input_share
+from synth.model_parts import build_blip2, build_clip, build_llm, build_sdxl
+from synth.model_parts.health import input_share
 
 CAPTIONS = [f"a {colour} square on a grey background" for colour in COLOURS]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from synth.dialogue_parser import ParseRejection, parse_dialogue
-from synth.generate import generate_groups, read_done
-from synth.local_backend import LocalChatBackend
-from synth.prompt import read_seed_set
+from synth.generation.dialogue_parser import ParseRejection, parse_dialogue
+from synth.generation.generate import generate_groups, read_done
+from synth.generation.local_backend import LocalChatBackend
+from synth.generation.prompt import read_seed_set
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -30,7 +30,7 @@ CORPUS = Path(__file__).parent / "fixtures" / "smollm2_outputs.jsonl"
 @pytest.fixture(scope="module")
 def tiny_llm_dir(tmp_path_factory) -> Path:
     """The tiny Llama preset saved as a model directory (safetensors, tokenizer, chat template), sampling on."""
-    from synth.zoo import build_llm
+    from synth.model_parts import build_llm
 
     path = tmp_path_factory.mktemp("tiny_llm")
     bundle = build_llm({"preset": "tiny"})
@@ -67,7 +67,7 @@ def test_local_backend_batches_groups_and_matches_transformers_greedy_decoding(t
     assert outputs(tmp_path / "single") == batched  # left padding changes nothing
 
     # greedy decoding as transformers' own generate() does it, on the same chat-templated prompt
-    from synth.generate import group_prompt
+    from synth.generation.generate import group_prompt
 
     prompt = group_prompt(groups(6)[2], read_seed_set(), 3, 0)[0]
     ids = one.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -252,7 +252,7 @@ def test_user_names_parse_only_when_configured(user: str) -> None:
 def test_configured_names_reach_the_filter_stage(tmp_path: Path) -> None:
     from PIL import Image
 
-    from synth.filtering import FilterRules, filter_generations
+    from synth.review.filtering import FilterRules, filter_generations
 
     for i in range(2):
         Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
@@ -293,7 +293,7 @@ def test_the_parser_on_real_smollm2_outputs() -> None:
 
 
 def test_format_adherence_reports_smollm2s_share(tmp_path: Path) -> None:
-    from synth.filtering import format_adherence
+    from synth.review.filtering import format_adherence
 
     with open(tmp_path / "generations.jsonl", "w") as handle:
         for record in corpus():

@@ -26,8 +26,8 @@ import pytest
 
 from datamodules import IGNORE_INDEX, render_conversation
 from heads import LanguageDescriptionHead
-from synth.schema import Conversation, Turn
-from synth.zoo.text_tokenizers import LLAMA2_CHAT_TEMPLATE
+from synth.data.schema import Conversation, Turn
+from synth.model_parts.text_tokenizers import LLAMA2_CHAT_TEMPLATE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_llama_sentencepiece"
 ADDED = ("<image>", "<start>", "<end>")  # utils.build_model_and_processor, in this order

@@ -24,9 +24,9 @@ from datamodules import (
 from datamodules.modules import weighted_indices
 from heads import LanguageDescriptionHead
 from synth.samples import CONVERSATIONS_FILE, LLAVA_CONVERSATIONS_FILE, sample_image_dir
-from synth.schema import Conversation, Turn
-from synth.zoo import build_blip2
-from synth.zoo.text_tokenizers import tiny_llama_tokenizer
+from synth.data.schema import Conversation, Turn
+from synth.model_parts import build_blip2
+from synth.model_parts.text_tokenizers import tiny_llama_tokenizer
 
 Q = 4  # query tokens per image in these tests
 
@@ -249,7 +249,7 @@ def test_schema_errors_surface_at_setup_with_file_and_line(interface, tmp_path: 
 
 
 def test_caption_datamodule_renders_pairs_with_templates(interface, tmp_path: Path) -> None:
-    from synth.ingest import IngestSource, ingest, write_ingest
+    from synth.selection.ingest import IngestSource, ingest, write_ingest
 
     write_ingest(ingest([IngestSource(kind="samples")]), tmp_path)
     module = CaptionDataModule(train=[str(tmp_path / "pairs.jsonl")], batch_size=4, num_workers=0).bind(interface)
@@ -323,7 +323,7 @@ def test_prepare_data_reads_nothing_for_a_head_without_targets(interface, tmp_pa
 def test_generate_task_asks_for_each_caption_and_shows_the_image(interface, tmp_path: Path) -> None:
     """Head pre-training data: the release's ImageGenerationTemplates; the caption is the output image's."""
     from datamodules import GENERATION_TEMPLATES, CaptionDataModule
-    from synth.ingest import IngestSource, ingest, write_ingest
+    from synth.selection.ingest import IngestSource, ingest, write_ingest
 
     assert len(GENERATION_TEMPLATES) == 20
     write_ingest(ingest([IngestSource(kind="samples")]), tmp_path)
@@ -343,7 +343,7 @@ def test_stage1_resamples_pairs_and_redraws_templates_every_epoch(interface, tmp
     """As the released stage 1: a fixed number of draws per epoch, with replacement, a template per draw."""
     from datamodules import CAPTION_TEMPLATES, CaptionDataModule
     from datamodules.samplers import EpochSampler
-    from synth.ingest import IngestSource, ingest, write_ingest
+    from synth.selection.ingest import IngestSource, ingest, write_ingest
 
     assert len(CAPTION_TEMPLATES) == 20  # the release's ImageCaptionTemplates
     write_ingest(ingest([IngestSource(kind="samples")]), tmp_path)

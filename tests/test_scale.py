@@ -17,7 +17,7 @@ BUNDLED_ONLY = "[{path: synth/samples/conversations.jsonl, image_root: '${packag
 
 
 def test_paper_part_sizes_are_the_known_parameter_counts() -> None:
-    from mim.memory import paper_part_sizes
+    from mim.modeling.memory import paper_part_sizes
 
     sizes = paper_part_sizes(lora_rank=16)
     assert sizes.llm == 6_738_415_616  # Llama-2-7b
@@ -28,7 +28,7 @@ def test_paper_part_sizes_are_the_known_parameter_counts() -> None:
 
 
 def test_memory_per_strategy_by_hand() -> None:
-    from mim.memory import GIB, PartSizes, memory_table, training_bytes
+    from mim.modeling.memory import GIB, PartSizes, memory_table, training_bytes
 
     sizes = PartSizes(llm=1000, vision=100, qformer=10, head=2, lora=20)
     assert training_bytes(sizes, "ddp", 4, "instruction") == (16 * 1012 + 2 * 100, 0.0)
@@ -61,7 +61,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_llm_dir(tmp_path_factory) -> Path:
-    from synth.zoo import build_llm
+    from synth.model_parts import build_llm
 
     path = tmp_path_factory.mktemp("llm")
     bundle = build_llm("tiny")
@@ -82,7 +82,7 @@ def test_sharded_construction_loads_every_shard_and_computes_what_the_whole_mode
     import torch
 
     from heads import LanguageDescriptionHead
-    from mim.model import MIM
+    from mim.modeling.mim_model import MIM
 
     settings = {"llm": {"preset": "tiny"}} if variant == "preset" else \
         {"llm": {"pretrained": str(tiny_llm_dir)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
@@ -154,7 +154,7 @@ def test_fsdp_fit_saves_only_what_trained_resumes_and_exports(tmp_path: Path) ->
     exported = subprocess.run([str(BIN / "mim"), "export", str(last), str(tmp_path / "mim")], capture_output=True,
                               text=True, cwd=REPO, timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    from mim.export import load_model, read_checkpoint
+    from mim.modeling.directory import load_model, read_checkpoint
 
     model = load_model(tmp_path / "mim")
     trained = read_checkpoint(last)["state_dict"]
@@ -195,7 +195,7 @@ def fit_steps(root: Path, steps: int, ckpt_path: str | None = None, lora: bool =
 
     from datamodules import ConversationDataModule, ConversationSource
     from heads import LanguageDescriptionHead
-    from mim.model import MIM
+    from mim.modeling.mim_model import MIM
     from synth.samples import CONVERSATIONS_FILE, LLAVA_CONVERSATIONS_FILE, sample_image_dir
 
     L.seed_everything(0)
@@ -244,9 +244,9 @@ def test_lora_exports_merged_or_not_give_the_trained_modules_logits(tmp_path: Pa
 
     from datamodules import ConversationDataModule, ConversationSource
     from heads import LanguageDescriptionHead
-    from mim.chat import MIMChat
-    from mim.export import export_checkpoint, load_model
-    from mim.model import MIM
+    from mim.inference.chat import MIMChat
+    from mim.modeling.directory import export_checkpoint, load_model
+    from mim.modeling.mim_model import MIM
     from synth.samples import CONVERSATIONS_FILE, sample_image_dir
 
     L.seed_everything(0)
@@ -279,7 +279,7 @@ def test_lora_exports_merged_or_not_give_the_trained_modules_logits(tmp_path: Pa
         replies.append(MIMChat.from_pretrained(tmp_path / directory, sdxl="tiny", device="cpu").send(
             "What is in this picture?", max_new_tokens=6, image_size=64, num_inference_steps=2).text)
     assert replies[0] == replies[1]  # greedy: merged and unmerged write the same reply
-    from mim.export import save_merged_directory
+    from mim.modeling.directory import save_merged_directory
 
     with pytest.raises(ValueError, match="the LLM did not train"):  # stage 1: nothing of the LLM to write
         save_merged_directory(MIM(LanguageDescriptionHead(), llm="tiny", blip2="tiny", stage="alignment"),
@@ -291,8 +291,8 @@ def test_lora_exports_merged_or_not_give_the_trained_modules_logits(tmp_path: Pa
 @pytest.fixture(scope="module")
 def tiny_mim_dir(tmp_path_factory) -> Path:
     from heads import LanguageDescriptionHead
-    from mim.export import save_directory
-    from mim.model import MIM
+    from mim.modeling.directory import save_directory
+    from mim.modeling.mim_model import MIM
 
     path = tmp_path_factory.mktemp("mim")
     save_directory(MIM(LanguageDescriptionHead(), llm="tiny", blip2="tiny"), path, sdxl={"preset": "tiny"})
@@ -303,9 +303,9 @@ def test_mim_generate_answers_every_conversation_once_as_one_by_one_and_resumes(
                                                                                 tmp_path: Path) -> None:
     import json
 
-    from mim.batch_inference import conversation_prompts, generate, generate_replies
-    from mim.chat import MIMChat
-    from mim.generation import GenerationSettings, trigger_bias
+    from mim.inference.reply_files import conversation_prompts, generate, generate_replies
+    from mim.inference.chat import MIMChat
+    from mim.inference.interleaved import GenerationSettings, trigger_bias
     from synth.samples import CONVERSATIONS_FILE, LLAVA_CONVERSATIONS_FILE, sample_image_dir
 
     files = [str(CONVERSATIONS_FILE), str(LLAVA_CONVERSATIONS_FILE)]
@@ -328,7 +328,7 @@ def test_mim_generate_answers_every_conversation_once_as_one_by_one_and_resumes(
     # each row is what the one-row generator writes for it (greedy, the same seed)
     from dataclasses import replace
 
-    from mim.evaluate import load_message_images
+    from mim.evaluation.held_out import load_message_images
 
     by_id = {line["id"]: line for line in lines}
     for record_id, messages in prompts[:3]:
@@ -361,9 +361,9 @@ def test_a_merged_export_chats_with_its_llm_in_8_or_4_bits(bits: str, tiny_llm_d
     import torch
 
     from heads import LanguageDescriptionHead
-    from mim.chat import MIMChat
-    from mim.export import save_directory, save_merged_directory
-    from mim.model import MIM
+    from mim.inference.chat import MIMChat
+    from mim.modeling.directory import save_directory, save_merged_directory
+    from mim.modeling.mim_model import MIM
 
     model = MIM(LanguageDescriptionHead(), llm={"pretrained": str(tiny_llm_dir)}, blip2="tiny",
                 lora={"r": 4, "alpha": 8, "dropout": 0.0})
@@ -387,7 +387,7 @@ def test_a_merged_export_chats_with_its_llm_in_8_or_4_bits(bits: str, tiny_llm_d
 
 
 def test_sdxl_offload_needs_a_gpu_and_says_so(tiny_mim_dir: Path) -> None:
-    from mim.chat import MIMChat
+    from mim.inference.chat import MIMChat
 
     with pytest.raises(ValueError, match="sdxl_offload .* needs device cuda, not cpu"):
         MIMChat.from_pretrained(tiny_mim_dir, device="cpu", sdxl_offload=True)
@@ -397,7 +397,7 @@ def test_sdxl_offload_needs_a_gpu_and_says_so(tiny_mim_dir: Path) -> None:
 def test_sdxl_offload_keeps_sdxl_off_the_gpu_between_images(tiny_mim_dir: Path) -> None:
     import torch
 
-    from mim.chat import MIMChat
+    from mim.inference.chat import MIMChat
 
     chat = MIMChat.from_pretrained(tiny_mim_dir, device="cuda", sdxl_offload=True)
     unet_device = next(chat.generator.sdxl.unet.parameters()).device
@@ -445,10 +445,10 @@ def test_training_an_mse_head_never_loads_the_sdxl_decoder(tmp_path: Path, monke
     """Only SDXL's text encoders run in training (the heads' targets); the UNet and VAE stay unloaded."""
     import lightning as L
 
-    import synth.zoo.sdxl as sdxl
+    import synth.model_parts.sdxl as sdxl
     from datamodules import ConversationDataModule, ConversationSource
     from heads import QFormerMediumHead
-    from mim.model import MIM
+    from mim.modeling.mim_model import MIM
     from synth.samples import CONVERSATIONS_FILE, sample_image_dir
 
     def refuse(*args, **kwargs):
@@ -470,7 +470,7 @@ def test_training_an_mse_head_never_loads_the_sdxl_decoder(tmp_path: Path, monke
 def test_mim_generate_skips_and_names_a_conversation_the_reader_rejects(tmp_path: Path) -> None:
     import json
 
-    from mim.batch_inference import conversation_prompts
+    from mim.inference.reply_files import conversation_prompts
 
     path = tmp_path / "convs.jsonl"
     path.write_text(json.dumps({"id": "only-system", "conversation": [{"role": "system", "content": "Be brief."}]})

@@ -18,7 +18,7 @@ from synth import (
     write_conversations,
 )
 from synth.samples import CONVERSATIONS_FILE, LLAVA_CONVERSATIONS_FILE
-from synth.schema import from_textbind, to_textbind
+from synth.data.schema import from_textbind, to_textbind
 
 
 def good_record(record_id: str = "tb-000001") -> dict:

@@ -16,9 +16,9 @@ from datamodules.datasets import RenderedDataset
 from datamodules.rendering import render_conversation
 from heads import LanguageDescriptionHead, PromptTokensHead, QFormerMediumHead
 from mim import MIM
-from mim.batched import BatchedGenerator
-from mim.generation import InterleavedGenerator
-from synth.schema import Conversation, Turn
+from mim.inference.batched import BatchedGenerator
+from mim.inference.interleaved import InterleavedGenerator
+from synth.data.schema import Conversation, Turn
 
 TINY = {"preset": "tiny"}
 #: Two passes over the same input agree to float rounding; a changed picture moves logits far more.
@@ -134,8 +134,8 @@ def test_a_tiny_mim_trained_by_mim_fit_answers_by_looking(tmp_path: Path, monkey
     import json
 
     from mim.cli import main
-    from mim.export import load_model
-    from mim.generation import GenerationSettings
+    from mim.modeling.directory import load_model
+    from mim.inference.interleaved import GenerationSettings
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     train = colour_questions(300, tmp_path / "train", seed=0)

@@ -16,10 +16,10 @@ from PIL import Image
 
 from heads import LanguageDescriptionHead
 from mim import MIM, MIMChat
-from mim.export import save_directory
-from mim.generation import GenerationResult, GenerationSettings, TextPart
+from mim.modeling.directory import save_directory
+from mim.inference.interleaved import GenerationResult, GenerationSettings, TextPart
 from fixture_images import claimed_png
-from mim.serve import ChatService, DemoServer, RequestError, make_handler
+from mim.serving.web_demo import ChatService, DemoServer, RequestError, make_handler
 
 TINY = {"preset": "tiny"}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from synth import read_conversations
-from synth.sources import ALPACA_WITH_INPUT, ALPACA_WITHOUT_INPUT, MINIGPT4_INSTRUCTION
+from synth.data.sources import ALPACA_WITH_INPUT, ALPACA_WITHOUT_INPUT, MINIGPT4_INSTRUCTION
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from synth.schema import Conversation, Turn
-from synth.stats import dataset_stats, diversity
+from synth.data.schema import Conversation, Turn
+from synth.statistics.stats import dataset_stats, diversity
 
 
 def conversation(*turns: Turn) -> Conversation:

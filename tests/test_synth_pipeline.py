@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from synth.cluster import kmeans
+from synth.selection.cluster import kmeans
 from synth.config import SynthConfig, load_config
-from synth.embed import embed_pairs, load_embeddings, load_shard
-from synth.ingest import IngestSource, ingest
-from synth.pairs import open_image
+from synth.selection.embed import embed_pairs, load_embeddings, load_shard
+from synth.selection.ingest import IngestSource, ingest
+from synth.data.pairs import open_image
 from synth.pipeline import StageMismatch, run_all, run_stage
-from synth.sampling import sample_groups
+from synth.selection.sampling import sample_groups
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = REPO / "configs" / "synth" / "sample.yaml"
@@ -73,7 +73,7 @@ def test_changed_pair_list_is_not_silently_mixed_with_old_shards(pairs, tmp_path
 
 
 def test_scores_and_embeddings_match_the_clip_model(pairs) -> None:
-    from synth.zoo import build_clip
+    from synth.model_parts import build_clip
 
     bundle = build_clip("tiny")
     images = [open_image(p.image) for p in pairs[:3]]
@@ -224,7 +224,7 @@ def test_paper_defaults() -> None:
 
 def test_synth_run_cli_from_a_clean_work_dir_to_a_dataset(tmp_path: Path) -> None:
     """The whole offline pipeline: pairs to a conversation dataset the schema reader accepts, with stats."""
-    from synth.conversation_io import read_conversations
+    from synth.data.conversation_io import read_conversations
 
     scripts = Path(sys.executable).parent
     command = [str(scripts / "synth"), "run", "--config", str(SAMPLE_CONFIG), f"work_dir={tmp_path / 'w'}"]

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from synth.samples import sample_pairs
-from synth.zoo import ModelSource, build_blip2, build_clip, build_llm, build_sdxl
-from synth.zoo.blip2 import tiny_blip2_config
-from synth.zoo.checkpoint_files import read_tensors
-from synth.zoo.text_tokenizers import HEAD_SPECIAL_TOKENS, tiny_clip_tokenizer, tiny_llama_tokenizer
+from synth.model_parts import ModelSource, build_blip2, build_clip, build_llm, build_sdxl
+from synth.model_parts.blip2 import tiny_blip2_config
+from synth.model_parts.checkpoint_files import read_tensors
+from synth.model_parts.text_tokenizers import HEAD_SPECIAL_TOKENS, tiny_clip_tokenizer, tiny_llama_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_tiny_llama_tokenizer_is_llama_like() -> None:
 
 
 def test_tiny_tokenizers_are_fixed_across_builds() -> None:
-    from synth.zoo import text_tokenizers
+    from synth.model_parts import text_tokenizers
 
     first_llama, first_clip = tiny_llama_tokenizer().get_vocab(), tiny_clip_tokenizer().get_vocab()
     text_tokenizers._load_asset.cache_clear()
@@ -82,7 +82,7 @@ def test_tiny_tokenizers_are_fixed_across_builds() -> None:
     ("train_clip_bpe", lambda v, m: __import__("transformers").CLIPTokenizer(vocab=v, merges=m)),
 ])
 def test_bpe_training_on_the_sample_text_gives_working_tokenizers(train: str, wrap) -> None:
-    from synth.zoo import text_tokenizers
+    from synth.model_parts import text_tokenizers
 
     vocab, merges = getattr(text_tokenizers, train)()
     tokenizer = wrap(vocab, merges)

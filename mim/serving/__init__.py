@@ -1,0 +1,2 @@
+"""`mim serve`: the web demo.
+"""

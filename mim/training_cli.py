@@ -1,0 +1,47 @@
+"""The LightningCLI behind ``mim fit`` / ``validate`` / ``test`` / ``predict``: every Trainer option and every
+constructor argument of MIM and of the datamodule is a flag and a YAML key (read with OmegaConf, so
+``${...}`` interpolation works). Its own module so that ``mim ablation`` can run fits without importing
+the ``mim`` command line that dispatches to it."""
+
+from __future__ import annotations
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True, parse_only: bool = False):
+    """The LightningCLI behind ``mim fit`` (``run=False`` builds without running, as tests do).
+
+    ``parse_only`` stops after parsing and checking the arguments and configs (``cli.config`` holds the
+    result): nothing is instantiated, so a command for 8 GPUs and hub checkpoints can be checked on a laptop,
+    as the test of every documented command does.
+    """
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from synth.resolvers import register_resolvers
+    from mim.modeling.mim_model import MIM
+
+    class MIMCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # parts are built in configure_model, under the strategy's context (FSDP: sharded, per rank)
+            parser.set_defaults({"model.lazy": True})
+
+        def instantiate_classes(self) -> None:
+            if not parse_only:
+                super().instantiate_classes()
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            if not parse_only:
+                super()._run_subcommand(subcommand)
+
+    register_resolvers()
+    return MIMCLI(
+        MIM,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        parser_kwargs={"parser_mode": "omegaconf"} if run else {"parser_mode": "omegaconf", "exit_on_error": False},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )

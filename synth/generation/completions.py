@@ -1,0 +1,41 @@
+"""What every synthesis backend returns and raises: the contract between ``synth generate`` and the
+backends (an endpoint, the offline composer, a model in this process)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+
+
+class BackendError(Exception):
+    """One failed attempt. ``retryable``: rate limits, server errors, timeouts, broken
+    connections and malformed replies are; bad requests and authentication are not.
+    ``fatal``: no later request can succeed either (a refused key, a model the endpoint does
+    not have), so the run stops at once instead of failing every group in turn."""
+
+    def __init__(self, message: str, retryable: bool, retry_after: float | None = None, fatal: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.fatal = fatal
+
+#: HTTP statuses after which every further request would fail the same way.
+FATAL_STATUSES = {401: "the endpoint refused the API key", 403: "the key may not use this model or endpoint",
+                  404: "the endpoint has no such model or path (check generate.model and generate.base_url)"}
+
+
+class ChatBackend(Protocol):
+    name: str
+
+    async def complete(self, prompt: str, captions: Sequence[str], seed: int) -> Completion: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,2 @@
+"""Paper section 4: dataset statistics (Table 3, the diversity score) and their plots.
+"""
