@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "--help"
+    from synth.library_noise import quiet_library_noise
+
+    quiet_library_noise()
     if command in LIGHTNING_COMMANDS:
         from omegaconf.errors import OmegaConfBaseException
 

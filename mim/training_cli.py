@@ -26,6 +26,11 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, parse_only: b
             # parts are built in configure_model, under the strategy's context (FSDP: sharded, per rank)
             parser.set_defaults({"model.lazy": True})
 
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            _count_epochs_without_a_bound(trainer)
+            return trainer
+
         def instantiate_classes(self) -> None:
             if not parse_only:
                 super().instantiate_classes()
@@ -45,3 +50,21 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, parse_only: b
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def _count_epochs_without_a_bound(trainer) -> None:
+    """Rich's bar shows ``Epoch 7/-2`` when a run is bounded by ``max_steps`` (Lightning sets
+    ``max_epochs = -1`` and prints ``max_epochs - 1``): give the bar a description without the bound,
+    keeping everything else about it (theme, refresh rate: its state is carried over)."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class RichProgressBarForSteps(type(trainer.progress_bar_callback)):
+        def _get_train_description(self, current_epoch: int) -> str:
+            description = super()._get_train_description(current_epoch)
+            if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+                description = description.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
+            return description
+
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar):
+        bar.__class__ = RichProgressBarForSteps

@@ -197,6 +197,9 @@ def run_stages(command: str, config_path: Path, overrides: list[str], force: boo
 
 
 def main(argv: list[str] | None = None) -> None:
+    from synth.library_noise import quiet_library_noise
+
+    quiet_library_noise()
     args = build_parser().parse_args(argv)
     if args.command == "validate":
         sys.exit(validate(args.paths, format=args.format, max_errors=args.max_errors))
