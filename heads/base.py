@@ -151,10 +151,37 @@ class GenerationHead(nn.Module, ABC):
 
     @staticmethod
     def from_hparams(hparams: dict[str, Any]) -> "GenerationHead":
-        import importlib
+        """The head a checkpoint or a MIM directory records. Its ``class_path`` comes from a file, so it is
+        checked before anything is imported: see :func:`head_class`."""
+        if not isinstance(hparams, dict) or not isinstance(hparams.get("class_path"), str):
+            raise TypeError(f"a head is recorded as {{class_path: ..., init_args: {{...}}}}, got {hparams!r}")
+        init_args = hparams.get("init_args") or {}
+        if not isinstance(init_args, dict):
+            raise TypeError(f"head init_args must be a mapping, got {type(init_args).__name__}")
+        return head_class(hparams["class_path"])(**init_args)
 
-        module_name, _, class_name = hparams["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), class_name)
-        if not (isinstance(cls, type) and issubclass(cls, GenerationHead)):
-            raise TypeError(f"{hparams['class_path']} is not a GenerationHead")
-        return cls(**hparams.get("init_args", {}))
+
+#: Environment variable naming more modules (comma-separated) whose heads a loaded file may name.
+TRUSTED_HEAD_MODULES_ENV = "TEXTBIND_TRUSTED_HEAD_MODULES"
+
+
+def head_class(class_path: str) -> type[GenerationHead]:
+    """The :class:`GenerationHead` subclass ``class_path`` names, imported only from a module that may be:
+    this package (``heads``), a module the running program has already imported (a researcher's own head,
+    imported by their code, runs no new code when resolved), or one listed in the environment variable
+    ``TEXTBIND_TRUSTED_HEAD_MODULES``. A file can therefore never make the loader import a module."""
+    import importlib
+    import os
+    import sys
+
+    module_name, _, class_name = class_path.rpartition(".")
+    trusted = [name.strip() for name in os.environ.get(TRUSTED_HEAD_MODULES_ENV, "").split(",") if name.strip()]
+    allowed = (module_name == "heads" or module_name.startswith("heads.") or module_name in sys.modules
+               or any(module_name == name or module_name.startswith(name + ".") for name in trusted))
+    if not module_name or not class_name.isidentifier() or not allowed:
+        raise TypeError(f"head class_path {class_path!r}: heads load from the heads package or from a module "
+                        f"your program has imported; import it first, or list it in {TRUSTED_HEAD_MODULES_ENV}")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, GenerationHead)):
+        raise TypeError(f"{class_path} is not a GenerationHead")
+    return cls

@@ -25,7 +25,7 @@ def _functions() -> dict:
     from mim.inference.terminal_chat import chat
 
     def export(ckpt: str, out: str, sdxl: dict | str | None = None, refiner: dict | str | None = None,
-               merge_lora: bool = False) -> int:
+               merge_lora: bool = False, trust_remote_code: bool = False) -> int:
         """Write a MIM directory (mim.json + trained.safetensors) from a Lightning checkpoint.
 
         Args:
@@ -35,11 +35,12 @@ def _functions() -> dict:
             refiner: an SDXL refiner to record (stabilityai/stable-diffusion-xl-refiner-1.0 in the released demo).
             merge_lora: fold LoRA adapters into the LLM and write it whole under ``out/llm`` (a plain
                 transformers checkpoint); without it a LoRA export holds only the adapters.
+            trust_remote_code: let the checkpoint's model sources run their Python code (refused without it).
         """
         from mim.modeling.directory import export_checkpoint, source_record
 
         export_checkpoint(ckpt, out, sdxl=source_record(sdxl), refiner=source_record(refiner),
-                          merge_lora=merge_lora)
+                          merge_lora=merge_lora, trust_remote_code=trust_remote_code)
         print(f"exported {ckpt} -> {out}")
         return 0
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     if command in LIGHTNING_COMMANDS:
         from omegaconf.errors import OmegaConfBaseException
 
+        from mim.modeling.checkpoint_files import UnsafeCheckpointError
+        from synth.model_parts.source import UnsafeModelSourceError
         from synth.resolvers import config_error_message
 
         try:
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
             lightning_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
         except OmegaConfBaseException as error:  # a config that cannot resolve, e.g. a missing package
             print(f"mim {command}: {config_error_message(error)}", file=sys.stderr)
+            sys.exit(2)
+        except (UnsafeCheckpointError, UnsafeModelSourceError) as error:
+            print(f"mim {command}: {error}", file=sys.stderr)
             sys.exit(2)
         return
     from jsonargparse import CLI
@@ -79,7 +85,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mim: unknown command {command!r}; run `mim --help`", file=sys.stderr)
         sys.exit(2)
     register_resolvers()
-    sys.exit(CLI(functions[command], args=argv[1:], parser_mode="omegaconf"))
+    from mim.modeling.checkpoint_files import UnsafeCheckpointError
+    from synth.model_parts.source import UnsafeModelSourceError
+
+    try:
+        sys.exit(CLI(functions[command], args=argv[1:], parser_mode="omegaconf"))
+    except (UnsafeCheckpointError, UnsafeModelSourceError) as error:  # refused before anything ran
+        print(f"mim {command}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

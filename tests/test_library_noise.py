@@ -63,3 +63,6 @@ def test_a_steps_bounded_run_shows_no_negative_epoch_bound() -> None:
     _count_epochs_without_a_bound(bounded)
     bounded.progress_bar_callback.setup(bounded, None, "fit")
     assert bounded.progress_bar_callback._get_train_description(1).strip() == "Epoch 1/2"
+    quiet = L.Trainer(max_steps=4, enable_progress_bar=False, logger=False, enable_checkpointing=False)
+    _count_epochs_without_a_bound(quiet)  # no bar: nothing to do
+    assert quiet.progress_bar_callback is None

@@ -443,7 +443,7 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
              do_sample: bool = False, top_p: float = 0.9, seed: int = 0, image_bias: float = 0.0,
              mme: str | None = None,
              mmbench: str | None = None, benchmark_max_new_tokens: int = 16,
-             inception_weights: str | None = None) -> int:
+             inception_weights: str | None = None, trust_remote_code: bool = False) -> int:
     """Score a MIM (a directory from ``mim export``/``mim convert``, or a .ckpt) on held-out conversations.
 
     Args:
@@ -473,13 +473,16 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
         mmbench: an MMBench TSV to run and score.
         benchmark_max_new_tokens: tokens per benchmark answer.
         inception_weights: InceptionV3 weights (pt_inception-2015-12-05 .pth) for torchmetrics' FID.
+        trust_remote_code: let the model's own sources run their Python code (a mim.json or checkpoint that
+            asks for ``trust_remote_code``); refused without it. Only for models you trust.
     """
     from mim.evaluation.mme_mmbench import load_mmbench, load_mme, score_mmbench, score_mme, write_mme_results
     from mim.inference.chat import MIMChat
     from mim.inference.interleaved import trigger_bias
     from synth.model_parts import build_clip
 
-    loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype)
+    loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype,
+                                     trust_remote_code=trust_remote_code)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   do_sample=do_sample, top_p=top_p, seed=seed,

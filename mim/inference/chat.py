@@ -52,7 +52,7 @@ class MIMChat:
                         refiner: ModelSource | str | dict | None = None, device: str | None = None,
                         dtype: str | None = None, settings: GenerationSettings | None = None,
                         watermark: bool = False, quantization: str | None = None,
-                        sdxl_offload: bool = False) -> "MIMChat":
+                        sdxl_offload: bool = False, trust_remote_code: bool = False) -> "MIMChat":
         """Load a MIM directory (or .ckpt) and the SDXL it draws with.
 
         ``sdxl`` and ``refiner`` default to the ones recorded in the directory (else SDXL base 1.0 and
@@ -63,6 +63,9 @@ class MIMChat:
         the LLM through bitsandbytes (a LoRA or ``--merge_lora true`` export), and ``sdxl_offload`` keeps
         SDXL's parts in host memory, each moved to the GPU only while it runs (diffusers' model CPU
         offload: slower images, about 10 GB less on the GPU at SDXL's size).
+
+        ``trust_remote_code``: let the directory's own model sources run their code (its mim.json asks for
+        ``trust_remote_code``); without it such a directory is refused before anything is imported.
         """
         from mim.modeling.directory import CONFIG_FILE, load_model, read_config
         from synth.model_parts.sdxl import build_sdxl_refiner
@@ -72,7 +75,7 @@ class MIMChat:
             raise ValueError("sdxl_offload moves SDXL's parts between host memory and the GPU: it needs "
                              f"device cuda, not {device.type}")
         recorded = read_config(path) if (Path(path) / CONFIG_FILE).is_file() else {}
-        model = load_model(path, quantization).eval()
+        model = load_model(path, quantization, trust_remote_code=trust_remote_code).eval()
         pipeline = build_sdxl(sdxl or recorded.get("sdxl") or DEFAULT_SDXL, watermark=watermark)
         refiner_source = refiner or recorded.get("refiner")
         refiner_pipeline = build_sdxl_refiner(refiner_source, pipeline, watermark) if refiner_source else None

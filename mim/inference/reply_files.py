@@ -91,7 +91,7 @@ def generate(model: str, input: str | list[str], out_dir: str, image_root: str |
              sdxl: dict | str | None = None, device: str | None = None, dtype: str | None = None,
              max_new_tokens: int = 256, max_images: int = 2, image_size: int = 1024, num_inference_steps: int = 40,
              do_sample: bool = False, top_p: float = 0.9, seed: int = 0, image_bias: float = 0.0,
-             quantization: str | None = None, sdxl_offload: bool = False) -> int:
+             quantization: str | None = None, sdxl_offload: bool = False, trust_remote_code: bool = False) -> int:
     """Answer the last user turn of every conversation in ``input`` files, ``batch_size`` at a time.
 
     Args:
@@ -114,6 +114,8 @@ def generate(model: str, input: str | list[str], out_dir: str, image_root: str |
         quantization: 8bit or 4bit: the LLM through bitsandbytes, for a GPU too small for it in 16 bits
             (a LoRA or ``mim export --merge_lora true`` directory).
         sdxl_offload: keep SDXL in host memory and move each part to the GPU only while it runs.
+        trust_remote_code: let the model's own sources run their Python code (a mim.json or checkpoint that
+            asks for ``trust_remote_code``); refused without it. Only for models you trust.
     """
     import sys
 
@@ -131,7 +133,7 @@ def generate(model: str, input: str | list[str], out_dir: str, image_root: str |
                                   num_inference_steps=num_inference_steps, do_sample=do_sample, top_p=top_p,
                                   seed=seed)
     chat = MIMChat.from_pretrained(model, sdxl=sdxl, device=device, dtype=dtype, quantization=quantization,
-                                   sdxl_offload=sdxl_offload)
+                                   sdxl_offload=sdxl_offload, trust_remote_code=trust_remote_code)
     chat.settings = replace(settings, logit_bias=trigger_bias(chat.generator.model.head, image_bias))
     summary = generate_replies(chat, prompts, Path(out_dir), batch_size)
     print(json.dumps(summary))

@@ -72,7 +72,8 @@ def chat(model: str, sdxl: dict | str | None = None, refiner: dict | str | None 
          image_size: int = 1024, num_inference_steps: int = 40, high_noise_frac: float = 0.8,
          guidance_scale: float = 5.0, watermark: bool = False, do_sample: bool = False,
          top_p: float = 0.9, image_bias: float = 0.0, seed: int = 0, message: str | None = None,
-         images: list[str] | None = None, quantization: str | None = None, sdxl_offload: bool = False) -> int:
+         images: list[str] | None = None, quantization: str | None = None, sdxl_offload: bool = False,
+         trust_remote_code: bool = False) -> int:
     """Chat with a MIM directory (or .ckpt) in the terminal, or send one message (``--message``).
 
     Args:
@@ -100,12 +101,15 @@ def chat(model: str, sdxl: dict | str | None = None, refiner: dict | str | None 
         quantization: 8bit or 4bit: the LLM through bitsandbytes, for a GPU too small for it in 16 bits
             (a LoRA or ``mim export --merge_lora true`` directory).
         sdxl_offload: keep SDXL in host memory and move each part to the GPU only while it runs.
+        trust_remote_code: let the model's own sources run their Python code (a mim.json or checkpoint that
+            asks for ``trust_remote_code``); refused without it. Only for models you trust.
     """
     from mim.inference.chat import MIMChat
     from mim.inference.interleaved import GenerationSettings, trigger_bias
 
     loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype,
-                                     watermark=watermark, quantization=quantization, sdxl_offload=sdxl_offload)
+                                     watermark=watermark, quantization=quantization, sdxl_offload=sdxl_offload,
+                                     trust_remote_code=trust_remote_code)
     loaded.settings = GenerationSettings(
         max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
         num_inference_steps=num_inference_steps, high_noise_frac=high_noise_frac,

@@ -90,14 +90,35 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_directory(directory: str | os.PathLike[str], quantization: str | None = None, **overrides: Any):
+def check_loaded_settings(settings: dict[str, Any], where: str, trust_remote_code: bool = False,
+                          overrides: dict[str, Any] | None = None) -> None:
+    """Settings read from a file (mim.json, a checkpoint's hyperparameters) choose no code: its model
+    sources may not ask for remote code unless the user said ``trust_remote_code`` (sources the user passes
+    as ``overrides`` are theirs), and its head's class path is checked by
+    :meth:`heads.GenerationHead.from_hparams` before anything is imported."""
+    from synth.model_parts.source import refuse_code_from_file
+
+    if trust_remote_code:
+        return
+    for part in ("llm", "blip2", "sdxl", "refiner"):
+        if part not in (overrides or {}):
+            refuse_code_from_file(settings.get(part), f"{where}: {part}")
+
+
+def load_directory(directory: str | os.PathLike[str], quantization: str | None = None,
+                   trust_remote_code: bool = False, **overrides: Any):
     """The MIM stored in ``directory``; ``overrides`` replace saved hyperparameters (e.g. llm source);
-    ``quantization`` (8bit / 4bit) loads its LLM through bitsandbytes."""
+    ``quantization`` (8bit / 4bit) loads its LLM through bitsandbytes. The directory's own model sources
+    may not ask for remote code unless ``trust_remote_code`` (the caller's decision, never the file's)."""
     from safetensors.torch import load_file
 
     from mim.modeling.mim_model import MIM
 
     config = read_config(directory)
+    if not isinstance(config.get("model"), dict):
+        raise ValueError(f"{Path(directory) / CONFIG_FILE}: no 'model' settings; not a MIM directory")
+    check_loaded_settings({**config["model"], "sdxl": config.get("sdxl"), "refiner": config.get("refiner")},
+                          str(Path(directory) / CONFIG_FILE), trust_remote_code, overrides)
     settings = dict(config["model"])
     if config.get("llm_in_directory"):  # a merged LLM travels with the directory
         settings["llm"] = {**settings["llm"], "pretrained": str(Path(directory) / settings["llm"]["pretrained"])}
@@ -122,11 +143,18 @@ def _check_quantizable(config: dict[str, Any], directory: str | os.PathLike[str]
                          "llm/, which is then quantized as it loads)")
 
 
-def load_model(path: str | os.PathLike[str], quantization: str | None = None, **overrides: Any):
+def load_model(path: str | os.PathLike[str], quantization: str | None = None, trust_remote_code: bool = False,
+               **overrides: Any):
     """A MIM from a directory (``mim.json``), a Lightning checkpoint (``.ckpt``) or a sharded checkpoint
-    folder (FSDP's ``save_distributed_checkpoint``)."""
+    folder (FSDP's ``save_distributed_checkpoint``). What the file records chooses no code: see
+    :func:`check_loaded_settings` (``trust_remote_code`` is the caller's opt-in)."""
+    import torch
+
+    from mim.modeling.checkpoint_files import UnsafeCheckpointError, is_remote_path
     from mim.modeling.mim_model import MIM
 
+    if is_remote_path(path):
+        raise UnsafeCheckpointError(f"{path}: remote models are not loaded; download it and pass the local path")
     path = Path(path)
     if quantization is not None and not path.is_dir():
         raise ValueError(f"{path}: 8/4-bit loading reads a MIM directory; run `mim export` first")
@@ -134,12 +162,15 @@ def load_model(path: str | os.PathLike[str], quantization: str | None = None, **
         raise ValueError(f"{path}: 8/4-bit loading reads a MIM directory; run `mim export` on this folder first")
     if is_distributed_checkpoint(path):
         checkpoint = read_distributed_checkpoint(path)
+        check_loaded_settings(checkpoint["hyper_parameters"], str(path), trust_remote_code, overrides)
         model = MIM(**{**checkpoint["hyper_parameters"], "init_from": None, "lazy": False, **overrides})
         model.load_state_dict(checkpoint["state_dict"], strict=False)
         return model
     if path.is_dir():
-        return load_directory(path, quantization, **overrides)
+        return load_directory(path, quantization, trust_remote_code, **overrides)
     if path.suffix == ".ckpt":
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        check_loaded_settings(hparams, str(path), trust_remote_code, overrides)
         return MIM.load_from_checkpoint(path, map_location="cpu", weights_only=True,
                                         **{"lazy": False, **overrides})
     raise FileNotFoundError(f"{path}: expected a MIM directory (with {CONFIG_FILE}), a .ckpt file or a sharded "
@@ -147,10 +178,10 @@ def load_model(path: str | os.PathLike[str], quantization: str | None = None, **
 
 
 def export_checkpoint(ckpt: str, out: str, sdxl: dict | None = None, refiner: dict | None = None,
-                      merge_lora: bool = False) -> Path:
+                      merge_lora: bool = False, trust_remote_code: bool = False) -> Path:
     """Lightning checkpoint (file or sharded folder) -> MIM directory (only the trained weights travel;
     with ``merge_lora`` the LLM with its adapters folded in, see :func:`save_merged_directory`)."""
-    model = load_model(ckpt)
+    model = load_model(ckpt, trust_remote_code=trust_remote_code)
     if merge_lora:
         return save_merged_directory(model, out, sdxl, refiner)
     keys = set(read_checkpoint(ckpt)["state_dict"])
@@ -182,6 +213,9 @@ def convert(released: str, out: str, llm: dict | str = "meta-llama/Llama-2-7b-ch
     return 0
 
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "convert", "export_checkpoint", "is_distributed_checkpoint", "is_released_layout",
-           "load_directory", "load_model", "map_released", "read_checkpoint", "read_config", "read_distributed_checkpoint",
-           "read_released", "RELEASED_TOKENS", "convert_released", "save_directory", "save_merged_directory", "source_record"]
+__all__ = [
+    "CONFIG_FILE", "WEIGHTS_FILE", "RELEASED_TOKENS", "check_loaded_settings", "convert", "convert_released",
+    "export_checkpoint", "is_distributed_checkpoint", "is_released_layout", "load_directory", "load_model",
+    "map_released", "read_checkpoint", "read_config", "read_distributed_checkpoint", "read_released",
+    "save_directory", "save_merged_directory", "source_record"
+]

@@ -358,7 +358,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
           image_bias: float = 0.0, max_text_chars: int = 4000, max_upload_images: int = 4,
           max_request_mb: float = 16, max_image_pixels: int = 16_777_216, max_sessions: int = 64,
           max_sessions_per_client: int = 8, session_idle_minutes: float = 60, max_turns: int = 20,
-          max_waiting: int = 16, quantization: str | None = None, sdxl_offload: bool = False) -> int:
+          max_waiting: int = 16, quantization: str | None = None, sdxl_offload: bool = False,
+          trust_remote_code: bool = False) -> int:
     """Serve the web demo for a MIM directory (or .ckpt).
 
     Args:
@@ -393,12 +394,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
         quantization: 8bit or 4bit: the LLM through bitsandbytes, for a GPU too small for it in 16 bits
             (a LoRA or ``mim export --merge_lora true`` directory).
         sdxl_offload: keep SDXL in host memory and move each part to the GPU only while it runs.
+        trust_remote_code: let the model's own sources run their Python code (a mim.json or checkpoint that
+            asks for ``trust_remote_code``); refused without it. Only for models you trust.
     """
     from mim.inference.chat import MIMChat
     from mim.inference.interleaved import GenerationSettings, trigger_bias
 
     loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype,
-                                     watermark=watermark, quantization=quantization, sdxl_offload=sdxl_offload)
+                                     watermark=watermark, quantization=quantization, sdxl_offload=sdxl_offload,
+                                     trust_remote_code=trust_remote_code)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
                                   num_inference_steps=num_inference_steps, high_noise_frac=high_noise_frac,
                                   guidance_scale=guidance_scale, do_sample=do_sample, top_p=top_p, seed=seed,

@@ -82,6 +82,42 @@ class ModelSource:
         raise TypeError(f"cannot build a ModelSource from {type(value).__name__}: {value!r}")
 
 
+#: ``from_pretrained`` options that make a load import or download code: transformers' and diffusers'
+#: ``trust_remote_code``, diffusers' ``custom_pipeline``, transformers' hub kernels (``use_kernels``,
+#: ``attn_implementation`` naming a hub repository) and the revision of remote code.
+CODE_LOADING_OPTIONS = ("trust_remote_code", "custom_pipeline", "use_kernels", "code_revision")
+
+
+class UnsafeModelSourceError(ValueError):
+    """A model source read from a file asks to run code; only the user may ask that."""
+
+
+def code_loading_options(source: "ModelSource | dict[str, Any] | str | None") -> list[str]:
+    """The options of ``source`` that would load code (empty for a source that runs none)."""
+    if source is None or isinstance(source, str):
+        return []
+    options = source.options if isinstance(source, ModelSource) else (source.get("options") or {})
+    if not isinstance(options, dict):
+        return []
+    found = [key for key in CODE_LOADING_OPTIONS if options.get(key)]
+    attention = options.get("attn_implementation")
+    if isinstance(attention, str) and "/" in attention:  # kernels-community/...: downloaded and run
+        found.append("attn_implementation")
+    return found
+
+
+def refuse_code_from_file(source: "ModelSource | dict[str, Any] | str | None", where: str) -> None:
+    """A file being loaded (a MIM directory's mim.json, a checkpoint's hyperparameters) never opts itself
+    into running code: ``trust_remote_code`` and its kin come only from the user's command line or config."""
+    found = code_loading_options(source)
+    if found:
+        raise UnsafeModelSourceError(
+            f"{where} sets {', '.join(f'options.{key}' for key in found)}: a file being loaded cannot opt itself "
+            "into running code (it would import the model's own Python files). If you trust this model and its "
+            "code, load it with trust_remote_code=True (`--trust_remote_code true` on the command line); "
+            "otherwise remove the option from the file.")
+
+
 #: Preset names every builder in :mod:`synth.model_parts` understands.
 PRESETS = ("tiny",)
 
