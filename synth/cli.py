@@ -70,16 +70,26 @@ def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | 
 
 
 def download_images_command(paths: list[Path], image_root: Path, complete: Path | None, workers: int,
-                            timeout: float, attempts: int, size: int, failures: Path | None) -> int:
+                            timeout: float, attempts: int, size: int, failures: Path | None,
+                            deadline: float = 60.0, allow_private_addresses: bool = False,
+                            pixel_budget: int | None = None) -> int:
     """Download the images of released TextBind conversations (their url_list), resized and padded as the release."""
     from synth.data.conversation_io import read_conversations, write_conversations
-    from synth.data.download import download_images
+    from synth.data.download import DEFAULT_PIXEL_BUDGET, download_images
 
+    failures = failures or image_root / "download_failures.jsonl"
+    inputs = {path.resolve() for path in paths}
+    for flag, output in (("--failures", failures), ("--complete", complete)):
+        if output is not None and output.resolve() in inputs:
+            print(f"synth download-images: {flag} {output} is one of the input files; choose another path "
+                  "(the inputs are never written)", file=sys.stderr)
+            return 2
     conversations, read = read_conversations(paths, on_error="skip")
     print(read.summary())
-    failures = failures or image_root / "download_failures.jsonl"
     report, kept = download_images(conversations, image_root, failures, size=size, workers=workers, timeout=timeout,
-                                   attempts=attempts)
+                                   attempts=attempts, deadline=deadline,
+                                   allow_private_addresses=allow_private_addresses,
+                                   pixel_budget=pixel_budget or DEFAULT_PIXEL_BUDGET)
     print(json.dumps(report.as_dict()) + f"; failures: {failures}")
     if complete is not None:
         write_conversations(complete, kept)
@@ -132,7 +142,14 @@ def build_parser():
     command.add_argument("--complete", type=Path, default=None,
                          help="write the conversations whose images all arrived here (JSONL)")
     command.add_argument("--workers", type=int, default=16)
-    command.add_argument("--timeout", type=float, default=20.0, help="seconds per request")
+    command.add_argument("--timeout", type=float, default=20.0, help="seconds for each connect and each read")
+    command.add_argument("--deadline", type=float, default=60.0,
+                         help="seconds for a whole request, redirects included (a slow trickle ends here)")
+    command.add_argument("--allow-private-addresses", action="store_true",
+                         help="let URLs and redirects reach loopback, private and link-local addresses "
+                              "(a local mirror); refused by default")
+    command.add_argument("--pixel-budget", type=int, default=None,
+                         help="pixels all workers may hold decoded at once (default 200M, about 1.2 GB)")
     command.add_argument("--attempts", type=int, default=5, help="tries per URL (5 in the release)")
     command.add_argument("--size", type=int, default=512, help="square side after resize and pad (512 in the release)")
     command.add_argument("--failures", type=Path, default=None, help="default: IMAGE_ROOT/download_failures.jsonl")
@@ -207,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(describe(args.paths, format=args.format))
     if args.command == "download-images":
         sys.exit(download_images_command(args.paths, args.image_root, args.complete, args.workers, args.timeout,
-                                         args.attempts, args.size, args.failures))
+                                         args.attempts, args.size, args.failures, args.deadline,
+                                         args.allow_private_addresses, args.pixel_budget))
     if args.command == "convert-dataset":
         sys.exit(convert_dataset(args.paths, args.out, args.format, args.image_dir))
     if args.command == "annotate":

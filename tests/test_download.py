@@ -82,6 +82,7 @@ def test_download_released_conversations(image_server, tmp_path: Path) -> None:
     (tmp_path / "train.json").write_text(json.dumps(records))
     conversations, _ = read_conversations(tmp_path / "train.json")
     report, complete = download_images(conversations, tmp_path, tmp_path / "failures.jsonl", backoff=0.01,
+                                       allow_private_addresses=True,
                                        workers=4, attempts=3)
     assert (report.downloaded, report.failed, report.already_there) == (3, 2, 0)
     assert [c.id for c in complete] == ["train-000000"]  # the others lost an image: dropped, as the release did
@@ -93,5 +94,6 @@ def test_download_released_conversations(image_server, tmp_path: Path) -> None:
     assert {f["image"]: f["error"].split(":")[0] for f in failures} == {"4.png": "Unfetchable",
                                                                       "5.png": "ImageDecodeError"}
     # a rerun fetches only what is missing
-    again, _ = download_images(conversations, tmp_path, tmp_path / "failures.jsonl", backoff=0.01, attempts=1)
+    again, _ = download_images(conversations, tmp_path, tmp_path / "failures.jsonl", backoff=0.01, attempts=1,
+                               allow_private_addresses=True)
     assert (again.downloaded, again.already_there) == (0, 3) and hits["/wide.png"] == 1

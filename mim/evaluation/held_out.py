@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,19 +54,39 @@ class Case:
     reference_captions: list[str] = field(default_factory=list)
 
 
+def safe_stem(text: str, limit: int = 80) -> str:
+    """A file-name stem for any id: path-safe characters, at most ``limit`` of them, plus a checksum of the
+    whole id so two ids never share a name (a 300-character id would exceed the file system's limit)."""
+    import zlib
+
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:limit] + f"-{zlib.crc32(text.encode()):08x}"
+
+
 def read_message_lists(paths: Sequence[str], image_root: str | None = None, format: str = "auto"
                        ) -> tuple[list[tuple[str, Any, list[dict[str, Any]]]], list[str]]:
     """(file, conversation, its turns as ``{"role", "content", "images": [paths]}`` messages) for every
-    readable conversation; and the problems met (bad records, image paths that leave their root)."""
+    readable conversation; and the problems met (bad records, image paths that leave their root).
+
+    Ids are unique across the files of one run: a record whose id an earlier file already used (two files
+    without ids, ``a/test.jsonl`` and ``b/test.jsonl``, both number theirs ``test-000000``) is renamed
+    ``FILE::ID``, the same way on every rerun, and the renaming is reported."""
+    from dataclasses import replace as replace_field
+
     from synth.data.conversation_io import read_conversations
 
     read: list[tuple[str, Any, list[dict[str, Any]]]] = []
     problems: list[str] = []
+    seen: dict[str, str] = {}
     for path in paths:
         conversations, report = read_conversations(path, on_error="skip", format=format)
         problems += [str(error) for error in report.rejected]
         root = image_root or str(Path(path).resolve().parent)
+        renamed = 0
         for conversation in conversations:
+            if conversation.id in seen and seen[conversation.id] != str(path):
+                conversation = replace_field(conversation, id=f"{path}::{conversation.id}")
+                renamed += 1
+            seen.setdefault(conversation.id, str(path))
             try:
                 messages = [{"role": turn.role, "content": turn.content,
                              "images": [str(conversation.image_path(name, root)) for name in turn.image_list]}
@@ -74,7 +95,50 @@ def read_message_lists(paths: Sequence[str], image_root: str | None = None, form
                 problems.append(f"{path} (record {conversation.id!r}): {error.detail}")
                 continue
             read.append((path, conversation, messages))
+        if renamed:
+            problems.append(f"{path}: {renamed} record id(s) already used by an earlier file; renamed {path}::ID "
+                            "(give records ids of their own to choose)")
     return read, problems
+
+
+class RecordError(ValueError):
+    """One record that cannot be answered; it costs only itself."""
+
+
+def admit(messages: list[dict[str, Any]], generator, settings: GenerationSettings) -> list[dict[str, Any]]:
+    """The messages with their images decoded, once they are known to fit: the prompt, the reply and the
+    images it may draw must fit the LLM's context (checked from the text and the image count, before
+    any image is decoded), and every image must decode. Raises :class:`RecordError` saying which rule."""
+    context = generator.context_length()
+    images = sum(len(m.get("images", [])) for m in messages)
+    characters = sum(len(m.get("content", "")) for m in messages)
+    reserve = settings.max_new_tokens + settings.max_images * generator.model.num_query_tokens
+    if context:
+        if images * generator.model.num_query_tokens + reserve > context:
+            raise RecordError(f"too_many_images: {images} images take {images * generator.model.num_query_tokens:,} "
+                              f"positions; with the reply's {reserve:,} that is over the model's {context:,}")
+        if characters > 32 * context:  # no tokenizer makes tokens of 32 characters: too long without counting
+            raise RecordError(f"prompt_too_long: {characters:,} characters cannot fit the model's {context:,} "
+                              "positions")
+        length = generator.prompt_length(messages)
+        if length + reserve > context:
+            raise RecordError(f"prompt_too_long: the prompt takes {length:,} positions; with the reply's {reserve:,} "
+                              f"that is over the model's {context:,}")
+    try:
+        return load_message_images(messages)
+    except OSError as error:  # missing, unreadable, truncated or bomb image (ImageDecodeError)
+        raise RecordError(f"bad_image: {error}") from None
+
+
+def generate_isolated(generate: Callable[[list, list], list], conversations: list, settings: list
+                      ) -> list[Any | RecordError]:
+    """``generate`` on the batch; if the batch fails, each row alone, so one bad row fails only itself."""
+    try:
+        return list(generate(conversations, settings))
+    except (ValueError, OSError, RuntimeError, IndexError) as error:
+        if len(conversations) == 1:
+            return [RecordError(f"generation_failed: {type(error).__name__}: {error}")]
+    return [generate_isolated(generate, [c], [s])[0] for c, s in zip(conversations, settings)]
 
 
 def replay_cases(paths: Sequence[str], image_root: str | None = None, format: str = "auto",
@@ -85,7 +149,7 @@ def replay_cases(paths: Sequence[str], image_root: str | None = None, format: st
     for path, conversation, messages in read:
         for index, (turn, message) in enumerate(zip(conversation.turns, messages)):
             if turn.role == "assistant" and index and messages[index - 1]["role"] == "user":
-                cases.append(Case(f"{Path(path).name}/{conversation.id}/{index}", conversation.id, index,
+                cases.append(Case(f"{conversation.id}/{index}", conversation.id, index,
                                   messages[:index], turn.content, message["images"], list(turn.caption_list)))
     return (cases[:max_cases] if max_cases is not None else cases), problems
 
@@ -114,11 +178,24 @@ class ModelResponder:
         self.batched = BatchedGenerator(self.generator)
         self.settings = settings or GenerationSettings()
 
-    def respond(self, cases: list[Case], seeds: list[int]) -> list[GenerationResult]:
+    def respond(self, cases: list[Case], seeds: list[int]) -> list[GenerationResult | RecordError]:
+        """One result per case; a case that does not fit the model or whose images do not decode is its own
+        :class:`RecordError`, and the others are answered in one batch."""
         from dataclasses import replace
 
         settings = [replace(self.settings, seed=seed) for seed in seeds]
-        return self.batched.generate([load_message_images(case.messages) for case in cases], settings)
+        outcomes: list[Any] = [None] * len(cases)
+        admitted = []
+        for index, case in enumerate(cases):
+            try:
+                admitted.append((index, admit(case.messages, self.generator, settings[index])))
+            except RecordError as error:
+                outcomes[index] = RecordError(f"record {case.record_id!r} turn {case.turn}: {error}")
+        results = generate_isolated(self.batched.generate, [messages for _, messages in admitted],
+                                    [settings[index] for index, _ in admitted]) if admitted else []
+        for (index, _), result in zip(admitted, results):
+            outcomes[index] = result
+        return outcomes
 
 
 class ReferenceResponder:
@@ -155,26 +232,32 @@ def condition_fingerprint(condition) -> str:
 # --- answers, written as they come -----------------------------------------------------------------
 
 class AnswerStore:
-    """``answers.jsonl`` plus the images; a rerun skips what is there."""
+    """``answers.jsonl`` plus the images; a rerun skips what was answered and retries what failed (a fixed
+    image is then scored). A last line cut short by a kill is removed before anything is appended."""
 
     def __init__(self, out_dir: Path) -> None:
+        from synth.generation.generate import read_done
+
         self.out_dir = out_dir
         self.path = out_dir / "answers.jsonl"
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         self.records: dict[tuple[str, int], dict] = {}
+        read_done(self.path, key="key")  # trims a cut last line
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
-                    self.records[(record["key"], record["sample"])] = record
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a line cut by a kill: that answer is made again
+                    key = (record["key"], record["sample"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+                if record.get("error") is None:
+                    self.records[key] = record
 
     def add(self, case: Case, sample: int, result: GenerationResult | None, seconds: float,
             error: str | None = None) -> None:
         images, descriptions, kinds, fingerprints = [], [], [], []
         if result is not None:
-            safe = case.key.replace("/", "__")
+            safe = safe_stem(case.key)
             for index, part in enumerate(p for p in result.parts if isinstance(p, ImagePart)):
                 name = f"{safe}__s{sample}__{index}.png"
                 part.image.save(self.out_dir / "images" / name)
@@ -199,14 +282,14 @@ def answer_cases(cases: list[Case], responder: Responder, store: AnswerStore, sa
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             began = time.perf_counter()
-            try:
-                results = responder.respond([case for case, _ in batch], [seed + sample for _, sample in batch])
-                errors = [None] * len(batch)
-            except (OSError, ValueError) as error:  # an unreadable reference image, a placeholder mismatch
-                results, errors = [None] * len(batch), [f"{type(error).__name__}: {error}"] * len(batch)
+            outcomes = generate_isolated(responder.respond, [case for case, _ in batch],
+                                         [seed + sample for _, sample in batch])
             seconds = (time.perf_counter() - began) / len(batch)
-            for (case, sample), result, error in zip(batch, results, errors):
-                store.add(case, sample, result, seconds, error)
+            for (case, sample), outcome in zip(batch, outcomes):
+                if isinstance(outcome, RecordError):  # recorded, counted, and retried by the next run
+                    store.add(case, sample, None, seconds, str(outcome))
+                else:
+                    store.add(case, sample, outcome, seconds)
             progress.update(len(batch))
     return len(todo)
 
@@ -481,6 +564,10 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
     from mim.inference.interleaved import trigger_bias
     from synth.model_parts import build_clip
 
+    data = [data] if isinstance(data, str) else list(data)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # before minutes of model loading
+        print(f"mim evaluate: out_dir {out_dir} is a file, not a folder; choose another", file=sys.stderr)
+        return 2
     loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype,
                                      trust_remote_code=trust_remote_code)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
@@ -507,7 +594,6 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
         answers = answer_benchmark(items, benchmark_generate(responder, benchmark_max_new_tokens),
                                    out / "benchmarks" / "mmbench_answers.jsonl", batch_size)
         benchmarks["MMBench"] = score_mmbench(items, answers)
-    data = [data] if isinstance(data, str) else list(data)
     cases, problems = replay_cases(data, image_root, format, max_cases)
     if problems:
         notes.append(f"{len(problems)} record(s) could not be replayed; first: {problems[0]}")

@@ -208,6 +208,20 @@ class InterleavedGenerator:
                 chunks.append(self._image_embeds(images[index]))
         return torch.cat(chunks)
 
+    def context_length(self) -> int:
+        """Positions the LLM holds (its ``max_position_embeddings``)."""
+        return int(getattr(self.model.llm.config, "max_position_embeddings", 0) or 0)
+
+    def prompt_length(self, messages: list[dict[str, Any]]) -> int:
+        """Positions the rendered prompt takes (text tokens + a run of query tokens per image), from the text
+        and the number of images alone: checked before any image is decoded."""
+        tokenizer = self.model.tokenizer
+        controls = tokenizer.all_special_tokens
+        plain = [{"role": m["role"], "content": escape_control_tokens(m["content"], controls)} for m in messages]
+        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        images = sum(len(m.get("images", [])) for m in messages)
+        return sum(len(ids) for ids in self.encode.pieces(text)) + images * self.model.num_query_tokens
+
     # --- sampling ----------------------------------------------------------------------
 
     def _next_token(self, logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator,

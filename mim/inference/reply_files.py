@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 REPLIES_FILE = "replies.jsonl"
+FAILURES_FILE = "failures.jsonl"  # records that could not be answered, with why; retried by the next run
 
 
 def conversation_prompts(paths: list[str], image_root: str | None = None, format: str = "auto"
@@ -42,11 +43,16 @@ def _seed(base: int, record_id: str) -> int:
 
 def generate_replies(chat, prompts: list[tuple[str, list[dict[str, Any]]]], out_dir: Path, batch_size: int = 8,
                      progress: bool = True) -> dict[str, Any]:
-    """Answer every prompt not yet in ``out_dir/replies.jsonl``; returns counts and timing."""
+    """Answer every prompt not yet in ``out_dir/replies.jsonl``; returns counts and timing.
+
+    A record that cannot be answered (an image that does not decode, a prompt or an image count over the
+    model's context, a generation that fails on that row) costs only itself: it goes to
+    ``out_dir/failures.jsonl`` with its id and reason, the rest of its batch is answered, and the next run
+    tries it again."""
     from tqdm import tqdm
 
+    from mim.evaluation.held_out import RecordError, admit, generate_isolated, safe_stem
     from mim.inference.batched import BatchedGenerator
-    from mim.evaluation.held_out import load_message_images
     from mim.inference.interleaved import ImagePart
     from synth.generation.generate import read_done
 
@@ -58,33 +64,46 @@ def generate_replies(chat, prompts: list[tuple[str, list[dict[str, Any]]]], out_
     done = read_done(replies, key="id")
     todo = [(record_id, messages) for record_id, messages in prompts if record_id not in done]
     batched = BatchedGenerator(chat.generator)
-    start, written = time.perf_counter(), 0
-    with open(replies, "a", encoding="utf-8") as output, \
+    start, written, failed = time.perf_counter(), 0, []
+    with open(replies, "a", encoding="utf-8") as output, open(out_dir / FAILURES_FILE, "a", encoding="utf-8") as errors, \
             tqdm(total=len(todo), unit="conv", desc="mim generate", disable=not progress) as bar:
         for first in range(0, len(todo), batch_size):
             batch = todo[first:first + batch_size]
-            settings = [replace(chat.settings, seed=_seed(chat.settings.seed, record_id)) for record_id, _ in batch]
-            results = batched.generate([load_message_images(messages) for _, messages in batch], settings)
+            admitted, rejected = [], []
+            for record_id, messages in batch:
+                setting = replace(chat.settings, seed=_seed(chat.settings.seed, record_id))
+                try:
+                    admitted.append((record_id, admit(messages, chat.generator, setting), setting))
+                except RecordError as error:
+                    rejected.append((record_id, error))
+            results = generate_isolated(batched.generate, [m for _, m, _ in admitted], [s for _, _, s in admitted]
+                                        ) if admitted else []
             lines = []
-            for (record_id, _), result, setting in zip(batch, results, settings):
+            for (record_id, _, setting), result in zip(admitted, results):
+                if isinstance(result, RecordError):
+                    rejected.append((record_id, result))
+                    continue
                 images = []
                 for index, part in enumerate(p for p in result.parts if isinstance(p, ImagePart)):
-                    name = f"images/{_safe(record_id)}-{index}.png"
+                    name = f"images/{safe_stem(record_id)}-{index}.png"
                     part.image.save(out_dir / name)
                     images.append({"path": name, "caption": part.caption})
                 lines.append(json.dumps({"id": record_id, "reply": result.text, "images": images,
                                          "seed": setting.seed}, ensure_ascii=False) + "\n")
             output.write("".join(lines))  # a batch's lines after its images: a kill loses at most this batch
             output.flush()
-            written += len(batch)
+            for record_id, error in rejected:
+                errors.write(json.dumps({"id": record_id, "error": str(error), "time": round(time.time(), 3)},
+                                        ensure_ascii=False) + "\n")
+                failed.append(record_id)
+            errors.flush()
+            written += len(lines)
             bar.update(len(batch))
+            bar.set_postfix(refresh=False, failed=len(failed))
     seconds = time.perf_counter() - start
     return {"conversations": len(prompts), "already_done": len(prompts) - len(todo), "answered": written,
+            "failed": len(failed), "failed_ids": failed[:20],
             "seconds": round(seconds, 3), "per_second": round(written / seconds, 3) if written else 0.0}
-
-
-def _safe(record_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in record_id)[:80] + f"-{zlib.crc32(record_id.encode()):08x}"
 
 
 def generate(model: str, input: str | list[str], out_dir: str, image_root: str | None = None, batch_size: int = 8,
@@ -123,6 +142,9 @@ def generate(model: str, input: str | list[str], out_dir: str, image_root: str |
     from mim.inference.interleaved import GenerationSettings, trigger_bias
 
     input = [input] if isinstance(input, str) else list(input)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        print(f"mim generate: out_dir {out_dir} is a file, not a folder; choose another", file=sys.stderr)
+        return 2
     prompts, problems = conversation_prompts(input, image_root)
     for problem in problems:
         print(f"skipped: {problem}", file=sys.stderr)
@@ -137,4 +159,8 @@ def generate(model: str, input: str | list[str], out_dir: str, image_root: str |
     chat.settings = replace(settings, logit_bias=trigger_bias(chat.generator.model.head, image_bias))
     summary = generate_replies(chat, prompts, Path(out_dir), batch_size)
     print(json.dumps(summary))
+    if summary["failed"]:
+        print(f"mim generate: {summary['failed']} conversation(s) could not be answered; reasons in "
+              f"{Path(out_dir) / FAILURES_FILE} (a rerun tries them again)", file=sys.stderr)
+        return 1
     return 0

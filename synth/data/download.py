@@ -11,8 +11,14 @@ carefully:
 - resumable: an image already on disk that decodes is never fetched again;
 - a failure is never fatal: it is retried (capped backoff), then recorded in
   ``download_failures.jsonl`` with its URL and error, and the run goes on;
-- bounded: ``http(s)`` only, a timeout, a size cap, and the pixel limit of
-  :mod:`synth.data.images` before decoding; files are written atomically.
+- bounded: ``http(s)`` only, public addresses only (every hop, redirects included; see
+  :mod:`synth.data.safe_fetch`), a deadline per request, a size cap, the pixel limit of
+  :mod:`synth.data.images` before decoding, and a pixel budget shared by the workers, so sixteen
+  huge images do not decode at once;
+- harmless to what is there: a file is only ever created, never replaced. A name whose file exists and
+  is not an image (a notes file, the conversations themselves) is a recorded failure, not overwritten;
+- a bad record costs only itself: a malformed URL, a ``null`` in ``url_list``, an error nobody foresaw
+  in one image is that image's recorded failure, and the run goes on.
 
 For the tens of millions of CC3M/LAION URLs of stage 1, use img2dataset into
 webdataset shards and ``synth ingest`` those: it is built for that scale. Here the
@@ -25,21 +31,27 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from synth.atomic import atomic_path
 from synth.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, decode_image_file
+from synth.data.safe_fetch import FetchPolicy, Unfetchable, fetch
 from synth.data.schema import Conversation, SchemaError
 
-USER_AGENT = "textbind-image-downloader/0.1 (research dataset preparation)"
+USER_AGENT = FetchPolicy.user_agent
+
+#: Pixels the workers may hold decoded at once (about 1.2 GB of RGB with the conversion's copy): 16 workers
+#: on images of 9000 x 9000 would otherwise hold 7.8 GB.
+DEFAULT_PIXEL_BUDGET = 200_000_000
 
 
 def resize_and_pad(image, size: int = 512, fill: str = "white"):
@@ -61,7 +73,7 @@ def resize_and_pad(image, size: int = 512, fill: str = "white"):
 @dataclass
 class ImageTask:
     name: str
-    url: str
+    url: Any  # as the file gives it: fetch refuses anything that is not a well-formed http(s) URL string
     path: Path
     records: list[str] = field(default_factory=list)
 
@@ -74,6 +86,7 @@ class DownloadReport:
     no_url: int = 0
     complete_conversations: int = 0
     conversations: int = 0
+    peak_decoding_pixels: int = 0  # the most pixels held decoded at once, under the shared budget
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -87,6 +100,10 @@ def image_tasks(conversations: list[Conversation], image_root: str | os.PathLike
     for conversation in conversations:
         for index, turn in enumerate(conversation.turns):
             urls = turn.extra.get("url_list") or []
+            if not isinstance(urls, list):
+                problems.append(f"record {conversation.id!r} turn {index}: url_list is a {type(urls).__name__}, "
+                                "not a list of URLs")
+                continue
             if len(urls) != len(turn.image_list):
                 problems.append(f"record {conversation.id!r} turn {index}: {len(turn.image_list)} image(s) but "
                                 f"{len(urls)} url(s) in url_list")
@@ -102,90 +119,162 @@ def image_tasks(conversations: list[Conversation], image_root: str | os.PathLike
     return tasks, problems
 
 
-def _on_disk(path: Path, max_pixels: int) -> bool:
+def _state_on_disk(path: Path, max_pixels: int) -> str:
+    """``missing``, ``image`` (there and decodes: done), or why the name is taken by something else."""
+    if not path.exists() and not path.is_symlink():
+        return "missing"
+    if path.is_symlink() or not path.is_file():
+        return f"{path} exists and is not a regular file; not overwritten"
     try:
         decode_image_file(path, max_pixels)
-        return True
-    except OSError:  # missing, unreadable or damaged (ImageDecodeError): fetch it again
-        return False
+        return "image"
+    except OSError as error:  # ImageDecodeError, unreadable
+        return (f"{path} exists and is not a decodable image ({error}); not overwritten: move it away, or fix the "
+                "image_list that names it")
 
 
-class Unfetchable(ValueError):
-    """A URL that no retry can fetch: not http(s), too large, or refused for good (HTTP 4xx)."""
+class PixelBudget:
+    """Pixels the workers may hold decoded at once. An image larger than the budget still decodes, alone."""
+
+    def __init__(self, pixels: int) -> None:
+        if pixels < 1:
+            raise ValueError(f"the pixel budget must be positive, got {pixels}")
+        self.pixels = pixels
+        self.in_use = 0
+        self.peak = 0
+        self._condition = threading.Condition()
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.pixels)
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._condition:
+                self.in_use -= pixels
+                self._condition.notify_all()
 
 
-def fetch(url: str, timeout: float, max_bytes: int, user_agent: str = USER_AGENT) -> bytes:
-    if not url.lower().startswith(("http://", "https://")):
-        raise Unfetchable(f"only http(s) URLs are fetched, not {url[:60]!r}")
-    request = urllib.request.Request(url, headers={"User-Agent": user_agent})
+def _pixels_claimed(data: bytes, name: str) -> int:
+    """Width x height from the header alone (0 if there is none: decode_image then says why)."""
+    from PIL import Image
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) checked above
-            data = response.read(max_bytes + 1)
-    except urllib.error.HTTPError as error:
-        if 400 <= error.code < 500 and error.code not in (408, 429):
-            raise Unfetchable(f"HTTP {error.code} {error.reason}") from None
-        raise
-    if len(data) > max_bytes:
-        raise Unfetchable(f"more than {max_bytes:,} bytes")
-    return data
+        with Image.open(io.BytesIO(data)) as probe:
+            return probe.size[0] * probe.size[1]
+    except Exception:  # noqa: BLE001 - not an image: decode_image reports it with its reason
+        return 0
 
 
-def download_one(task: ImageTask, size: int, timeout: float, attempts: int, backoff: float, max_bytes: int,
-                 max_pixels: int, user_agent: str = USER_AGENT) -> str | None:
-    """Fetch, fit and pad one image; None on success, else the last error."""
+def _create_new(path: Path, data: bytes) -> None:
+    """Write ``path`` only if nothing is there: a temporary file in the same folder, hard-linked into place
+    (the link fails if the name was taken meanwhile), so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path} appeared while it was downloading; not overwritten") from None
+        except OSError:  # a file system without hard links: create exclusively instead
+            with open(path, "xb") as out:
+                out.write(data)
+    finally:
+        os.unlink(temporary)
+
+
+def download_one(task: ImageTask, size: int, attempts: int, backoff: float, max_pixels: int,
+                 policy: FetchPolicy, budget: PixelBudget | None = None) -> str | None:
+    """Fetch, fit and pad one image; None on success, else the last error. Never raises: whatever goes
+    wrong with one image is that image's failure."""
     error = "no attempt"
     for attempt in range(1, attempts + 1):
         try:
-            image = decode_image(fetch(task.url, timeout, max_bytes, user_agent), max_pixels, task.url)
-            padded = resize_and_pad(image, size)
+            data = fetch(task.url, policy)
+            with (budget.reserve(_pixels_claimed(data, task.url)) if budget else _nothing()):
+                image = decode_image(data, max_pixels, str(task.url))
+                padded = resize_and_pad(image, size)
+                del image
             buffer = io.BytesIO()
             padded.save(buffer, format="PNG")
-            with atomic_path(task.path) as temporary:
-                temporary.write_bytes(buffer.getvalue())
+            _create_new(task.path, buffer.getvalue())
             return None
-        except (ImageDecodeError, Unfetchable) as failure:  # retrying will not help
+        except (ImageDecodeError, Unfetchable, FileExistsError) as failure:  # retrying will not help
             return f"{type(failure).__name__}: {failure}"
-        except OSError as failure:  # URLError, HTTP 5xx/408/429, timeouts, resets: worth another try
+        except OSError as failure:  # unreachable, HTTP 5xx/408/429, timeouts, resets: worth another try
             error = f"{type(failure).__name__}: {failure}"
             if attempt < attempts:
                 time.sleep(min(30.0, backoff * 2 ** (attempt - 1)))
+        except Exception as failure:  # noqa: BLE001 - a bad record costs only itself
+            return f"unexpected {type(failure).__name__}: {failure}"
     return error
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def download_images(conversations: list[Conversation], image_root: str | os.PathLike[str],
                     failures_path: str | os.PathLike[str], size: int = 512, workers: int = 16,
                     timeout: float = 20.0, attempts: int = 5, backoff: float = 1.0, max_bytes: int = 50 * 2**20,
                     max_pixels: int = DEFAULT_MAX_PIXELS, user_agent: str = USER_AGENT,
+                    deadline: float = 60.0, allow_private_addresses: bool = False,
+                    pixel_budget: int = DEFAULT_PIXEL_BUDGET, policy: FetchPolicy | None = None,
                     ) -> tuple[DownloadReport, list[Conversation]]:
-    """Download every missing image; return the report and the conversations whose images are all there."""
+    """Download every missing image; return the report and the conversations whose images are all there.
+
+    ``timeout`` bounds each connect and read, ``deadline`` each request as a whole; loopback, private,
+    link-local and reserved addresses are refused unless ``allow_private_addresses`` (a local mirror).
+    """
+    policy = policy or FetchPolicy(timeout=timeout, deadline=deadline, max_bytes=max_bytes,
+                                   allow_private_addresses=allow_private_addresses, user_agent=user_agent)
+    budget = PixelBudget(pixel_budget)
     tasks, problems = image_tasks(conversations, image_root)
     report = DownloadReport(conversations=len(conversations), no_url=len(problems))
-    todo = [task for task in tasks.values() if not _on_disk(task.path, max_pixels)]
-    report.already_there = len(tasks) - len(todo)
     failures_path = Path(failures_path)
     failures_path.parent.mkdir(parents=True, exist_ok=True)
     failed: set[Path] = set()
+    states = {path: _state_on_disk(path, max_pixels) for path in tasks}
+    todo = [task for path, task in tasks.items() if states[path] == "missing"]
+    report.already_there = sum(state == "image" for state in states.values())
     with open(failures_path, "a", encoding="utf-8") as failures, ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(tasks), initial=report.already_there, desc="images", unit="image") as progress:
+
+        def record(task: ImageTask, error: str) -> None:
+            report.failed += 1
+            failed.add(task.path)
+            failures.write(json.dumps({"image": task.name, "url": task.url, "path": str(task.path),
+                                       "records": task.records[:10], "error": error,
+                                       "time": round(time.time(), 3)}, ensure_ascii=False, default=repr) + "\n")
+            failures.flush()
+
         for problem in problems:
             failures.write(json.dumps({"error": problem, "time": round(time.time(), 3)}) + "\n")
-        futures = {pool.submit(download_one, task, size, timeout, attempts, backoff, max_bytes, max_pixels,
-                               user_agent): task for task in todo}
+        for path, state in states.items():
+            if state not in ("missing", "image"):  # the name is taken by a file the downloader did not make
+                record(tasks[path], state)
+                progress.update()
+        futures = {pool.submit(download_one, task, size, attempts, backoff, max_pixels, policy, budget): task
+                   for task in todo}
         for future in as_completed(futures):
             task, error = futures[future], future.result()
             if error is None:
                 report.downloaded += 1
             else:
-                report.failed += 1
-                failed.add(task.path)
-                failures.write(json.dumps({"image": task.name, "url": task.url, "path": str(task.path),
-                                           "records": task.records[:10], "error": error,
-                                           "time": round(time.time(), 3)}, ensure_ascii=False) + "\n")
-                failures.flush()
+                record(task, error)
             progress.update()
             progress.set_postfix(refresh=False, failed=report.failed)
     complete = [c for c in conversations if _complete(c, image_root, failed)]
     report.complete_conversations = len(complete)
+    report.peak_decoding_pixels = budget.peak
     return report, complete
 
 
