@@ -58,14 +58,32 @@ def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | 
     """
     from synth.data.conversation_io import read_conversations, write_conversations
 
-    conversations, report = read_conversations(paths, on_error="skip", format=format)
+    if out.is_dir():
+        print(f"synth convert-dataset: --out {out} is a folder; name the JSONL file to write", file=sys.stderr)
+        return 2
+    if out.resolve() in {path.resolve() for path in paths}:
+        print(f"synth convert-dataset: --out {out} is one of the inputs; the inputs are never written",
+              file=sys.stderr)
+        return 2
+    conversations, rejected, summaries, unreadable = [], [], [], []
+    for path in paths:  # one file that cannot be read costs only itself
+        try:
+            read, report = read_conversations(path, on_error="skip", format=format)
+        except (OSError, ImportError, ValueError) as error:
+            unreadable.append(f"{path}: {error}")
+            continue
+        conversations += read
+        rejected += report.rejected
+        summaries.append(report.summary())
     for conversation in conversations:
         if image_dir is not None:
             conversation.image_dir = image_dir
-    for error in report.rejected[:max_errors]:
+    for error in rejected[:max_errors]:
         print(f"[{error.rule}] {error}")
+    for problem in unreadable:
+        print(f"[unreadable_file] {problem}", file=sys.stderr)
     written = write_conversations(out, conversations)
-    print(f"{report.summary()}; {written} written to {out}")
+    print(f"{'; '.join(summaries) or 'nothing read'}; {len(unreadable)} file(s) unreadable; {written} written to {out}")
     return 0 if written else 1
 
 

@@ -136,14 +136,49 @@ def container_records(path: Path) -> Iterator[tuple[int | None, Any]] | None:
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int | None, Any]]:
+    """Rows of a parquet table, one record batch at a time, with every value made JSON-safe. A file that is
+    not parquet, or is cut, is one reported error: the other files of the run are still read."""
     try:
+        import pyarrow
         import pyarrow.parquet as parquet
     except ImportError:
         raise ImportError(f"{path} is a parquet file; reading it needs pyarrow (pip install 'textbind[data]'), or "
                           "export the dataset to JSON/JSONL") from None
-    table = parquet.read_table(path)
-    for number, row in enumerate(table.to_pylist(), start=1):
-        yield number, row
+    number = 0
+    try:
+        table = parquet.ParquetFile(path)
+        for batch in table.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, json_safe(row)
+    except (pyarrow.ArrowException, OSError, ValueError) as error:
+        where = f"after row {number}" if number else "before its first row"
+        yield None, SchemaError("unreadable", f"not a readable parquet file ({type(error).__name__}: "
+                                              f"{str(error).splitlines()[0][:200]}; {where})")
+
+
+def json_safe(value: Any) -> Any:
+    """A parquet value as JSON can hold it, losing nothing a reader needs: timestamps and dates as ISO 8601,
+    decimals as their exact string, bytes as base64 (``{"base64": ...}``), other objects as ``str``."""
+    import base64
+    import datetime
+    import decimal
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
+    return str(value)
 
 
 def _annotation_records(path: Path) -> Iterator[tuple[int | None, Any]]:
