@@ -9,6 +9,13 @@ match, paths and an ``image_dir`` that escape their root. For every
 rejection the script checks that the message names where the record is (file
 and line, or shard and member, or the record id) and prints it.
 
+Round two (what a downloaded checkpoint, model folder, URL list or dataset can try): a sharded checkpoint
+whose ``.metadata`` pickle runs code, a MIM directory that asks for ``trust_remote_code`` or names a head
+class outside the heads package, URL lists with malformed entries, loopback and metadata addresses and
+names that collide with the user's files, conversations with a missing, cut or bomb image, 10,000 images
+or a 5 MB turn for ``mim generate``, and cut or random parquet files for ``convert-dataset``. Each must be
+refused by name without running anything, and nothing good may be lost.
+
     python benchmarks/bad_inputs.py
 """
 
@@ -139,5 +146,119 @@ def main() -> None:
           f"rejections naming their record: {named}/{len(rows)}")
 
 
+def round_two() -> list[tuple[str, str, bool]]:
+    """(case, message, handled) for the round-two corpus; handled: refused by name, nothing run or lost."""
+    import os
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from heads import LanguageDescriptionHead
+    from mim.inference.chat import MIMChat
+    from mim.inference.reply_files import FAILURES_FILE, conversation_prompts, generate_replies
+    from mim.modeling.checkpoint_files import read_distributed_checkpoint
+    from mim.modeling.directory import load_model, save_directory
+    from mim.modeling.mim_model import MIM
+    from synth.data.download import download_images
+
+    root = Path(tempfile.mkdtemp())
+    rows: list[tuple[str, str, bool]] = []
+    marker = root / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder = root / "sharded"
+    import torch
+
+    dcp.save({"state_dict": {"w": torch.zeros(2)}}, checkpoint_id=str(folder), no_dist=True)
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    try:
+        read_distributed_checkpoint(folder)
+        rows.append(("checkpoint .metadata runs code", "loaded", False))
+    except ValueError as error:
+        rows.append(("checkpoint .metadata runs code", str(error), not marker.exists()))
+
+    model = MIM(head=LanguageDescriptionHead(), llm="tiny", blip2="tiny")
+    directory = save_directory(model, root / "mim", sdxl={"preset": "tiny"})
+    config_path = directory / "mim.json"
+    original = config_path.read_text()
+    for case, edit in [("mim.json asks for trust_remote_code",
+                        lambda c: c["model"].update(llm={"pretrained": str(root), "options": {"trust_remote_code": True}})),
+                       ("mim.json head class outside heads", lambda c: c["model"]["head"].update(class_path="os.system"))]:
+        config = json.loads(original)
+        edit(config)
+        config_path.write_text(json.dumps(config))
+        try:
+            load_model(directory)
+            rows.append((case, "loaded", False))
+        except (ValueError, TypeError) as error:
+            rows.append((case, str(error), True))
+    config_path.write_text(original)
+
+    images = root / "images"
+    images.mkdir()
+    (images / "notes.txt").write_text("the user's notes")
+    urls = [("a.png", "http://exa mple.com/a.png"), ("b.png", None), ("c.png", 42), ("d.png", "http://[::1"),
+            ("e.png", "ftp://example.com/e.png"), ("f.png", "http://127.0.0.1:9/f.png"),
+            ("g.png", "http://169.254.169.254/latest/meta-data/"), ("notes.txt", "http://example.com/n.png")]
+    records = [{"conversation": [{"role": "user", "content": "<image>", "image_list": [name], "url_list": [url]},
+                                 {"role": "assistant", "content": "ok"}]} for name, url in urls]
+    (root / "urls.json").write_text(json.dumps(records))
+    conversations, _ = read_conversations(root / "urls.json")
+    report, _ = download_images(conversations, images, root / "failures.jsonl", attempts=1, workers=4)
+    failures = {f["image"]: f["error"] for f in map(json.loads, (root / "failures.jsonl").read_text().splitlines())}
+    for name, url in urls:
+        rows.append((f"download {url!r:.45}", failures.get(name, "not recorded"), name in failures))
+    rows[-1] = (rows[-1][0] + " (names the user's notes)", rows[-1][1],
+                rows[-1][2] and (images / "notes.txt").read_text() == "the user's notes")
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(root / "good.png")
+    good = (root / "good.png").read_bytes()
+    (root / "cut.png").write_bytes(good[: len(good) // 2])
+    (root / "bomb.png").write_bytes(bomb_png(20000, 20000))
+    cases = {"missing image": ("<image>", ["nowhere.png"]), "cut image": ("<image>", ["cut.png"]),
+             "bomb image": ("<image>", ["bomb.png"]), "10,000 images": ("<image>" * 10_000, ["good.png"] * 10_000),
+             "5 MB turn": ("word " * 1_000_000, []), "good": ("What is it? <image>", ["good.png"])}
+    lines = [json.dumps({"id": case, "conversation": [{"role": "user", "content": text, "image_list": names},
+                                                      {"role": "assistant", "content": "ok"}]})
+             for case, (text, names) in cases.items()]
+    (root / "convs.jsonl").write_text("\n".join(lines) + "\n")
+    prompts, _ = conversation_prompts([str(root / "convs.jsonl")])
+    chat = MIMChat(model, None)
+    chat.settings = chat.settings.__class__(max_new_tokens=4, max_images=0)
+    generate_replies(chat, prompts, root / "generated", progress=False)
+    failed = {f["id"]: f["error"] for f in map(json.loads, (root / "generated" / FAILURES_FILE).read_text().splitlines())}
+    answered = {json.loads(line)["id"] for line in (root / "generated" / "replies.jsonl").read_text().splitlines()}
+    for case in cases:
+        if case == "good":
+            rows.append(("mim generate: the good record of the batch", "answered" if case in answered else "lost",
+                         case in answered))
+        else:
+            rows.append((f"mim generate: {case}", failed.get(case, "not recorded"), case in failed))
+
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"instruction": ["q"], "input": [""], "output": ["a"]}), root / "good.parquet")
+        whole = (root / "good.parquet").read_bytes()
+        (root / "cut.parquet").write_bytes(whole[: len(whole) // 2])
+        (root / "random.parquet").write_bytes(os.urandom(2048))
+        for name in ("cut.parquet", "random.parquet"):
+            _, parquet_report = read_conversations(root / name, on_error="skip", format="platypus")
+            message = str(parquet_report.rejected[0]) if parquet_report.rejected else "not recorded"
+            rows.append((f"convert-dataset {name}", message, bool(parquet_report.rejected)))
+    except ImportError:
+        rows.append(("convert-dataset parquet", "pyarrow not installed: not run", False))
+    return rows
+
+
 if __name__ == "__main__":
     main()
+    second = round_two()
+    print("\nround two")
+    for case, message, handled in second:
+        print(f"[{'ok' if handled else 'NOT HANDLED'}] {case}: {message[:130]}")
+    print(f"\nround two: {sum(h for _, _, h in second)}/{len(second)} refused by name, nothing run or lost")

@@ -18,7 +18,8 @@ from PIL import Image
 from synth.cli import main as synth_main
 from synth.data import safe_fetch
 from synth.data.conversation_io import read_conversations
-from synth.data.download import PixelBudget, download_images
+from synth.data.download import download_images
+from synth.data.images import PixelBudget
 from synth.data.safe_fetch import FetchPolicy, FetchTimeout, Unfetchable, check_url, fetch, is_public
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from synth.data.images import ImageDecodeError, decode_image
+from synth.data.images import DecodePool, ImageDecodeError, decode_image
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>MIM - TextBind demo</title>
@@ -90,17 +90,36 @@ class RequestError(ValueError):
         self.status = status
 
 
-def _decode_image(data_url: Any, index: int, max_pixels: int):
+def _image_bytes(data_url: Any, index: int) -> bytes:
     if not isinstance(data_url, str) or "," not in data_url or not data_url.startswith("data:image/"):
         raise RequestError(400, f"image {index + 1} is not an image data URL")
     try:
-        data = base64.b64decode(data_url.split(",", 1)[1], validate=True)
+        return base64.b64decode(data_url.split(",", 1)[1], validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, f"image {index + 1} is not valid base64") from None
+
+
+def _decode_image(data: bytes, index: int, max_pixels: int, max_side: int, pool: DecodePool | None = None):
+    """Decode (on the pool's few threads, under its pixel budget), then keep only a copy at most ``max_side``
+    on its longer side (the vision tower reads 224 px): a session holds small images, whatever was uploaded."""
+    from PIL import Image
+
+    def work():
+        image = decode_image(data, max_pixels, f"image {index + 1}")
+        if max(image.size) > max_side:
+            image.thumbnail((max_side, max_side), Image.LANCZOS)
+        return image
+
     try:
-        return decode_image(data, max_pixels, f"image {index + 1}")
+        return pool.run(data, work) if pool is not None else work()
     except ImageDecodeError as error:
         raise RequestError(400, str(error)) from None
+
+
+def held_pixels(chat: Any) -> int:
+    """Pixels of the images a conversation keeps (uploaded and drawn, in its history)."""
+    return sum(image.size[0] * image.size[1] for message in getattr(chat, "history", []) or []
+               for image in message.get("images", []) or [] if hasattr(image, "size"))
 
 
 def _data_url(image) -> str:
@@ -117,6 +136,7 @@ class _Session:
     client: str
     last_used: float
     turns: int = 0
+    pixels: int = 0  # what its images hold (held_pixels), counted against the server's max_held_pixels
 
 
 @dataclass
@@ -177,6 +197,18 @@ class SessionStore:
     def drop(self, session_id: str | None) -> None:
         self.sessions.pop(session_id, None)
 
+    def trim_pixels(self, max_pixels: int, keep: str) -> int:
+        """Forget the least recently used conversations (never ``keep``) until their images fit
+        ``max_pixels``; they are told so on their next message. Returns how many were dropped."""
+        dropped = 0
+        for session_id in list(self.sessions):
+            if sum(session.pixels for session in self.sessions.values()) <= max_pixels:
+                break
+            if session_id != keep:
+                del self.sessions[session_id]
+                dropped += 1
+        return dropped
+
 
 class ChatService:
     """The demo's logic, apart from HTTP: limits, sessions, one generation at a time."""
@@ -184,8 +216,12 @@ class ChatService:
     def __init__(self, make_chat, max_sessions: int = 64, max_text_chars: int = 4000, max_images: int = 4,
                  max_request_bytes: int = 16 * 1024 * 1024, max_image_pixels: int = 16_777_216,
                  max_sessions_per_client: int = 8, session_idle_seconds: float = 3600.0, max_turns: int = 20,
-                 max_waiting: int = 16, wait_seconds: float = 600.0, clock: Callable[[], float] = time.monotonic):
+                 max_waiting: int = 16, wait_seconds: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 max_image_side: int = 512, max_held_pixels: int = 200_000_000,
+                 decode_budget_pixels: int = 64_000_000):
         self.store = SessionStore(make_chat, max_sessions, max_sessions_per_client, session_idle_seconds, clock)
+        self.max_image_side, self.max_held_pixels = max_image_side, max_held_pixels
+        self.decoder = DecodePool(decode_budget_pixels, threads=2)  # what requests may decode at once, where
         self.max_text_chars, self.max_images = max_text_chars, max_images
         self.max_request_bytes, self.max_image_pixels = max_request_bytes, max_image_pixels
         self.max_turns, self.wait_seconds = max_turns, wait_seconds
@@ -206,10 +242,13 @@ class ChatService:
             raise RequestError(400, f"{len(images)} images attached; the limit is {self.max_images}")
         if not text.strip() and not images:
             raise RequestError(400, "the message is empty")
-        decoded = [_decode_image(image, index, self.max_image_pixels) for index, image in enumerate(images)]
-        if not self.waiting.acquire(blocking=False):
+        uploads = [_image_bytes(image, index) for index, image in enumerate(images)]
+        if not self.waiting.acquire(blocking=False):  # before decoding: an overload costs no pixels
             raise RequestError(503, "the demo is busy with other requests; try again in a moment")
         try:
+            decoded = [_decode_image(data, index, self.max_image_pixels, self.max_image_side, self.decoder)
+                       for index, data in enumerate(uploads)]
+            del uploads
             if not self.generation.acquire(timeout=self.wait_seconds):
                 raise RequestError(503, f"the demo is busy (waited {self.wait_seconds:.0f} s); try again later")
             try:
@@ -223,6 +262,9 @@ class ChatService:
                 except (ValueError, OSError) as error:  # the chat's own checks: a message it cannot take
                     raise RequestError(400, str(error)) from None
                 session.turns += 1
+                session.pixels = held_pixels(session.chat)
+                with self.sessions_lock:
+                    self.store.trim_pixels(self.max_held_pixels, keep=session_id)
             finally:
                 self.generation.release()
         finally:
@@ -242,7 +284,31 @@ class ChatService:
 _COOKIE = "mim_session"
 
 
-def _read_body(handler: BaseHTTPRequestHandler, limit: int) -> bytes:
+#: A body over the limit is read and thrown away up to this many times the limit, so the client, still
+#: sending, receives the 413 instead of a broken pipe; past that the connection is closed after the answer.
+DISCARD_FACTOR = 4
+
+
+def _read_exactly(handler: BaseHTTPRequestHandler, length: int, deadline: float, keep: bool) -> bytes:
+    """Read ``length`` bytes in pieces, within ``deadline`` (a monotonic time): a client that sends half a
+    body, or trickles it, is answered 408 instead of holding a thread."""
+    pieces, received = [], 0
+    while received < length:
+        if time.monotonic() > deadline:
+            raise RequestError(408, f"the request body did not arrive in time ({received:,} of {length:,} bytes)")
+        try:
+            piece = handler.rfile.read1(min(65536, length - received))
+        except TimeoutError:
+            raise RequestError(408, f"the client stopped sending ({received:,} of {length:,} bytes)") from None
+        if not piece:
+            raise RequestError(400, f"the body ended after {received} of {length} bytes")
+        received += len(piece)
+        if keep:
+            pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _read_body(handler: BaseHTTPRequestHandler, limit: int, seconds: float = 60.0) -> bytes:
     if "chunked" in handler.headers.get("transfer-encoding", "").lower():
         raise RequestError(411, "chunked requests are not accepted; send a Content-Length")
     raw = handler.headers.get("content-length")
@@ -251,13 +317,17 @@ def _read_body(handler: BaseHTTPRequestHandler, limit: int) -> bytes:
     if not raw.strip().isdigit():
         raise RequestError(400, f"Content-Length must be a non-negative whole number, got {raw[:40]!r}")
     length = int(raw)
+    deadline = time.monotonic() + seconds
     if length > limit:
-        raise RequestError(413, f"the request is {length / 2**20:.2f} MiB; the limit is {limit / 2**20:.2f} MiB "
-                                "(smaller images?)")
-    body = handler.rfile.read(length)
-    if len(body) != length:
-        raise RequestError(400, f"the body ended after {len(body)} of {length} bytes")
-    return body
+        message = (f"the request is {length / 2**20:.2f} MiB; the limit is {limit / 2**20:.2f} MiB "
+                   "(smaller images?)")
+        if length <= DISCARD_FACTOR * limit:
+            try:
+                _read_exactly(handler, length, deadline, keep=False)
+            except RequestError:
+                pass  # the 413 is the answer either way
+        raise RequestError(413, message)
+    return _read_exactly(handler, length, deadline, keep=True)
 
 
 def _parse_json(body: bytes) -> dict:
@@ -272,8 +342,13 @@ def _parse_json(body: bytes) -> dict:
     return payload
 
 
-def make_handler(service: ChatService):
+def make_handler(service: ChatService, read_timeout: float = 30.0, body_seconds: float = 60.0):
+    """The request handler; ``read_timeout`` bounds every socket read (an idle or stalled connection
+    frees its thread), ``body_seconds`` a whole request body."""
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = read_timeout
+
         def log_message(self, *args) -> None:
             pass
 
@@ -304,7 +379,7 @@ def make_handler(service: ChatService):
             try:
                 work()
             except RequestError as error:
-                if error.status in (411, 413) or error.status >= 500:
+                if error.status in (408, 411, 413) or error.status >= 500:
                     self.close_connection = True  # the body may be unread
                 if not self.answered:
                     self._json(error.status, {"error": str(error)})
@@ -328,7 +403,7 @@ def make_handler(service: ChatService):
 
         def do_POST(self) -> None:
             def work() -> None:
-                body = _read_body(self, service.max_request_bytes)
+                body = _read_body(self, service.max_request_bytes, body_seconds)
                 if self.path == "/api/reset":
                     service.reset(self._cookie())
                     return self._json(200, {"ok": True})
@@ -359,7 +434,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
           max_request_mb: float = 16, max_image_pixels: int = 16_777_216, max_sessions: int = 64,
           max_sessions_per_client: int = 8, session_idle_minutes: float = 60, max_turns: int = 20,
           max_waiting: int = 16, quantization: str | None = None, sdxl_offload: bool = False,
-          trust_remote_code: bool = False) -> int:
+          trust_remote_code: bool = False, max_image_side: int = 512, max_held_pixels: int = 200_000_000,
+          read_timeout: float = 30.0) -> int:
     """Serve the web demo for a MIM directory (or .ckpt).
 
     Args:
@@ -396,6 +472,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
         sdxl_offload: keep SDXL in host memory and move each part to the GPU only while it runs.
         trust_remote_code: let the model's own sources run their Python code (a mim.json or checkpoint that
             asks for ``trust_remote_code``); refused without it. Only for models you trust.
+        max_image_side: uploads are kept at most this many pixels on their longer side (the vision tower
+            reads 224).
+        max_held_pixels: pixels of images all conversations may hold together; the least recently used
+            conversations are forgotten (and told) past it.
+        read_timeout: seconds a connection may stay silent (a stalled upload frees its thread); a whole
+            request body has twice as long.
     """
     from mim.inference.chat import MIMChat
     from mim.inference.interleaved import GenerationSettings, trigger_bias
@@ -415,8 +497,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, sdxl: dict | st
                           max_images=max_upload_images, max_request_bytes=int(max_request_mb * 2**20),
                           max_image_pixels=max_image_pixels, max_sessions_per_client=max_sessions_per_client,
                           session_idle_seconds=session_idle_minutes * 60, max_turns=max_turns,
-                          max_waiting=max_waiting)
-    server = DemoServer((host, port), make_handler(service))
+                          max_waiting=max_waiting, max_image_side=max_image_side, max_held_pixels=max_held_pixels)
+    server = DemoServer((host, port), make_handler(service, read_timeout, 2 * read_timeout))
     print(f"MIM demo on http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

@@ -32,18 +32,15 @@ import io
 import json
 import os
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from synth.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, decode_image_file
+from synth.data.images import DEFAULT_MAX_PIXELS, DecodePool, ImageDecodeError, decode_image, decode_image_file
 from synth.data.safe_fetch import FetchPolicy, Unfetchable, fetch
 from synth.data.schema import Conversation, SchemaError
 
@@ -133,42 +130,6 @@ def _state_on_disk(path: Path, max_pixels: int) -> str:
                 "image_list that names it")
 
 
-class PixelBudget:
-    """Pixels the workers may hold decoded at once. An image larger than the budget still decodes, alone."""
-
-    def __init__(self, pixels: int) -> None:
-        if pixels < 1:
-            raise ValueError(f"the pixel budget must be positive, got {pixels}")
-        self.pixels = pixels
-        self.in_use = 0
-        self.peak = 0
-        self._condition = threading.Condition()
-
-    @contextmanager
-    def reserve(self, pixels: int) -> Iterator[None]:
-        with self._condition:
-            self._condition.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.pixels)
-            self.in_use += pixels
-            self.peak = max(self.peak, self.in_use)
-        try:
-            yield
-        finally:
-            with self._condition:
-                self.in_use -= pixels
-                self._condition.notify_all()
-
-
-def _pixels_claimed(data: bytes, name: str) -> int:
-    """Width x height from the header alone (0 if there is none: decode_image then says why)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            return probe.size[0] * probe.size[1]
-    except Exception:  # noqa: BLE001 - not an image: decode_image reports it with its reason
-        return 0
-
-
 def _create_new(path: Path, data: bytes) -> None:
     """Write ``path`` only if nothing is there: a temporary file in the same folder, hard-linked into place
     (the link fails if the name was taken meanwhile), so a reader never sees half a file."""
@@ -190,21 +151,26 @@ def _create_new(path: Path, data: bytes) -> None:
         os.unlink(temporary)
 
 
+def _fit_and_encode(data: bytes, max_pixels: int, size: int, name: str) -> bytes:
+    image = decode_image(data, max_pixels, name)
+    padded = resize_and_pad(image, size)
+    del image
+    buffer = io.BytesIO()
+    padded.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def download_one(task: ImageTask, size: int, attempts: int, backoff: float, max_pixels: int,
-                 policy: FetchPolicy, budget: PixelBudget | None = None) -> str | None:
+                 policy: FetchPolicy, decoder: DecodePool | None = None) -> str | None:
     """Fetch, fit and pad one image; None on success, else the last error. Never raises: whatever goes
     wrong with one image is that image's failure."""
     error = "no attempt"
     for attempt in range(1, attempts + 1):
         try:
             data = fetch(task.url, policy)
-            with (budget.reserve(_pixels_claimed(data, task.url)) if budget else _nothing()):
-                image = decode_image(data, max_pixels, str(task.url))
-                padded = resize_and_pad(image, size)
-                del image
-            buffer = io.BytesIO()
-            padded.save(buffer, format="PNG")
-            _create_new(task.path, buffer.getvalue())
+            arguments = (data, max_pixels, size, str(task.url))
+            png = decoder.run(data, _fit_and_encode, *arguments) if decoder else _fit_and_encode(*arguments)
+            _create_new(task.path, png)
             return None
         except (ImageDecodeError, Unfetchable, FileExistsError) as failure:  # retrying will not help
             return f"{type(failure).__name__}: {failure}"
@@ -217,26 +183,23 @@ def download_one(task: ImageTask, size: int, attempts: int, backoff: float, max_
     return error
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def download_images(conversations: list[Conversation], image_root: str | os.PathLike[str],
                     failures_path: str | os.PathLike[str], size: int = 512, workers: int = 16,
                     timeout: float = 20.0, attempts: int = 5, backoff: float = 1.0, max_bytes: int = 50 * 2**20,
                     max_pixels: int = DEFAULT_MAX_PIXELS, user_agent: str = USER_AGENT,
                     deadline: float = 60.0, allow_private_addresses: bool = False,
                     pixel_budget: int = DEFAULT_PIXEL_BUDGET, policy: FetchPolicy | None = None,
-                    ) -> tuple[DownloadReport, list[Conversation]]:
+                    decode_threads: int = 2) -> tuple[DownloadReport, list[Conversation]]:
     """Download every missing image; return the report and the conversations whose images are all there.
 
     ``timeout`` bounds each connect and read, ``deadline`` each request as a whole; loopback, private,
     link-local and reserved addresses are refused unless ``allow_private_addresses`` (a local mirror).
+    Images decode on ``decode_threads`` threads under ``pixel_budget`` (see :class:`DecodePool`), whatever
+    the number of download ``workers``.
     """
     policy = policy or FetchPolicy(timeout=timeout, deadline=deadline, max_bytes=max_bytes,
                                    allow_private_addresses=allow_private_addresses, user_agent=user_agent)
-    budget = PixelBudget(pixel_budget)
+    decoder = DecodePool(pixel_budget, threads=max(1, min(decode_threads, workers)))
     tasks, problems = image_tasks(conversations, image_root)
     report = DownloadReport(conversations=len(conversations), no_url=len(problems))
     failures_path = Path(failures_path)
@@ -262,7 +225,7 @@ def download_images(conversations: list[Conversation], image_root: str | os.Path
             if state not in ("missing", "image"):  # the name is taken by a file the downloader did not make
                 record(tasks[path], state)
                 progress.update()
-        futures = {pool.submit(download_one, task, size, attempts, backoff, max_pixels, policy, budget): task
+        futures = {pool.submit(download_one, task, size, attempts, backoff, max_pixels, policy, decoder): task
                    for task in todo}
         for future in as_completed(futures):
             task, error = futures[future], future.result()
@@ -274,7 +237,8 @@ def download_images(conversations: list[Conversation], image_root: str | os.Path
             progress.set_postfix(refresh=False, failed=report.failed)
     complete = [c for c in conversations if _complete(c, image_root, failed)]
     report.complete_conversations = len(complete)
-    report.peak_decoding_pixels = budget.peak
+    decoder.close()
+    report.peak_decoding_pixels = decoder.budget.peak
     return report, complete
 
 
