@@ -171,6 +171,17 @@ def build_parser():
     command.add_argument("--attempts", type=int, default=5, help="tries per URL (5 in the release)")
     command.add_argument("--size", type=int, default=512, help="square side after resize and pad (512 in the release)")
     command.add_argument("--failures", type=Path, default=None, help="default: IMAGE_ROOT/download_failures.jsonl")
+    command = commands.add_parser("world", help="write world pictures (with their attributes) and conversations "
+                                  "about them whose answers are stored (synth.world)")
+    command.add_argument("--out", type=Path, required=True, help="folder for the pictures, scenes.jsonl and "
+                         "conversations.jsonl")
+    command.add_argument("--scenes", type=int, default=1000)
+    command.add_argument("--conversations", type=int, default=1000)
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--split", choices=["train", "held_out"], default="train",
+                         help="held_out: every picture holds a colour-shape pair no train picture has")
+    command.add_argument("--mismatched", type=float, default=0.0, help="share of pairs with another's caption")
+    command.add_argument("--image-size", type=int, default=64)
     command = commands.add_parser("annotate", help="label generated conversations; grow the seed set (section 3.3)")
     command.add_argument("--config", type=Path, required=True, help="run config YAML")
     command.add_argument("--limit", type=int, default=None, help="label at most this many now")
@@ -246,6 +257,16 @@ def main(argv: list[str] | None = None) -> None:
                                          args.allow_private_addresses, args.pixel_budget))
     if args.command == "convert-dataset":
         sys.exit(convert_dataset(args.paths, args.out, args.format, args.image_dir))
+    if args.command == "world":
+        from synth.world.dialogues import write_conversations as write_world_conversations
+        from synth.world.scenes import read_scenes, write_world
+
+        scenes = read_scenes(write_world(args.out, args.scenes, args.seed, args.split, args.mismatched,
+                                         args.image_size))
+        path = write_world_conversations(scenes, args.out / "conversations.jsonl", args.conversations, args.seed,
+                                         prefix=f"world-{args.split}")
+        print(f"{len(scenes)} scene(s) and {args.conversations} conversation(s) written under {args.out} ({path})")
+        sys.exit(0)
     if args.command == "annotate":
         sys.exit(run_annotate(args.config, args.overrides, args.limit, args.all))
     sys.exit(run_stages(args.command, args.config, args.overrides, args.force, getattr(args, "until", None)))

@@ -52,6 +52,7 @@ class Case:
     reference_text: str
     reference_images: list[str] = field(default_factory=list)
     reference_captions: list[str] = field(default_factory=list)
+    answer: dict[str, Any] | None = None  # the record's answer key for this turn (meta.answers), if any
 
 
 def safe_stem(text: str, limit: int = 80) -> str:
@@ -149,8 +150,10 @@ def replay_cases(paths: Sequence[str], image_root: str | None = None, format: st
     for path, conversation, messages in read:
         for index, (turn, message) in enumerate(zip(conversation.turns, messages)):
             if turn.role == "assistant" and index and messages[index - 1]["role"] == "user":
+                keys = {a.get("turn"): a for a in (conversation.meta or {}).get("answers", []) if isinstance(a, dict)}
                 cases.append(Case(f"{conversation.id}/{index}", conversation.id, index,
-                                  messages[:index], turn.content, message["images"], list(turn.caption_list)))
+                                  messages[:index], turn.content, message["images"], list(turn.caption_list),
+                                  keys.get(index)))
     return (cases[:max_cases] if max_cases is not None else cases), problems
 
 
@@ -170,13 +173,15 @@ def load_message_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class ModelResponder:
     """A MIM with its SDXL: one batched generation per batch of cases."""
 
-    def __init__(self, model, sdxl, refiner=None, settings: GenerationSettings | None = None) -> None:
+    def __init__(self, model, sdxl, refiner=None, settings: GenerationSettings | None = None,
+                 blank_images: bool = False) -> None:
         from mim.inference.batched import BatchedGenerator
         from mim.inference.interleaved import InterleavedGenerator
 
         self.generator = InterleavedGenerator(model, sdxl, refiner)
         self.batched = BatchedGenerator(self.generator)
         self.settings = settings or GenerationSettings()
+        self.blank_images = blank_images  # the language-prior control: every picture grey, same count
 
     def respond(self, cases: list[Case], seeds: list[int]) -> list[GenerationResult | RecordError]:
         """One result per case; a case that does not fit the model or whose images do not decode is its own
@@ -188,7 +193,8 @@ class ModelResponder:
         admitted = []
         for index, case in enumerate(cases):
             try:
-                admitted.append((index, admit(case.messages, self.generator, settings[index])))
+                messages = admit(case.messages, self.generator, settings[index])
+                admitted.append((index, blanked(messages) if self.blank_images else messages))
             except RecordError as error:
                 outcomes[index] = RecordError(f"record {case.record_id!r} turn {case.turn}: {error}")
         results = generate_isolated(self.batched.generate, [messages for _, messages in admitted],
@@ -196,6 +202,15 @@ class ModelResponder:
         for (index, _), result in zip(admitted, results):
             outcomes[index] = result
         return outcomes
+
+
+def blanked(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same messages with every picture replaced by a grey one of its size: what a model answers from
+    its language prior alone. A model that reads the pictures falls to chance here."""
+    from PIL import Image
+
+    return [{**m, "images": [Image.new("RGB", image.size, (128, 128, 128)) for image in m.get("images", [])]}
+            for m in messages]
 
 
 class ReferenceResponder:
@@ -319,6 +334,36 @@ def text_metrics(pairs: list[tuple[Case, dict]]) -> dict[str, Any]:
             "diversity": diversity(generated) if generated else None,
             "words_generated": sum(len(t.split()) for t in generated) / max(1, len(generated)),
             "words_reference": sum(len(t.split()) for t in references) / max(1, len(references))}
+
+
+def chosen_answer(text: str, choices: list[str]) -> str | None:
+    """The choice a reply gives: the one whose word comes first in it (None if it names none)."""
+    import re
+
+    found = [(match.start(), choice) for choice in choices
+             for match in [re.search(rf"\b{re.escape(choice)}\b", text.lower())] if match]
+    return min(found)[1] if found else None
+
+
+def answer_metrics(pairs: list[tuple[Case, dict]]) -> dict[str, Any] | None:
+    """Accuracy on turns whose record has an answer key (``meta.answers``: ``turn``, ``type``, ``answer``,
+    ``choices``), by question type, next to chance (one over the number of choices). None when no turn
+    has a key. Any dataset with such keys can use it (the world's conversations have them)."""
+    by_type: dict[str, list[tuple[bool, float]]] = {}
+    for case, answer in pairs:
+        key = case.answer
+        if not key or not key.get("choices"):
+            continue
+        right = chosen_answer(answer["text"], [str(c) for c in key["choices"]]) == str(key["answer"])
+        by_type.setdefault(str(key.get("type", "answer")), []).append((right, 1 / len(key["choices"])))
+    if not by_type:
+        return None
+    table = {kind: {"accuracy": sum(r for r, _ in rows) / len(rows), "chance": sum(c for _, c in rows) / len(rows),
+                    "turns": len(rows)} for kind, rows in sorted(by_type.items())}
+    every = [row for rows in by_type.values() for row in rows]
+    table["all"] = {"accuracy": sum(r for r, _ in every) / len(every), "chance": sum(c for _, c in every) / len(every),
+                    "turns": len(every)}
+    return table
 
 
 def drawing_metrics(pairs: list[tuple[Case, dict]]) -> dict[str, Any]:
@@ -461,6 +506,12 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
 
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     lines = ["# Evaluation", ""] + [f"> {note}" for note in report["notes"]] + [""]
+    answers = report.get("answers")
+    if answers:
+        lines += ["## answers (turns with an answer key)", "", "| type | accuracy | chance | turns |", "|---|---|---|---|"]
+        lines += [f"| {kind} | {row['accuracy']:.3f} | {row['chance']:.3f} | {row['turns']} |"
+                  for kind, row in answers.items()]
+        lines.append("")
     for section in ("text", "drawing", "images"):
         values = report.get(section) or {}
         lines += [f"## {section}", "", "| metric | value |", "|---|---|"]
@@ -506,7 +557,7 @@ def evaluate_cases(cases: list[Case], responder: Responder, out_dir: str | Path,
     report: dict[str, Any] = {
         "settings": settings or {}, "cases": len(cases), "samples": samples, "answered_now": answered,
         "failed": len(failed), "failures": [a["error"] for a in failed[:10]], "notes": list(notes),
-        "text": text_metrics(pairs), "drawing": drawing_metrics(pairs),
+        "text": text_metrics(pairs), "answers": answer_metrics(pairs), "drawing": drawing_metrics(pairs),
         "images": image_metrics(pairs, out_dir, clip, inception_weights) if clip is not None else None,
         "benchmarks": benchmarks or {},
         "seconds_per_turn": sum(a["seconds"] for _, a in pairs) / max(1, len(pairs)),
@@ -526,7 +577,8 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
              do_sample: bool = False, top_p: float = 0.9, seed: int = 0, image_bias: float = 0.0,
              mme: str | None = None,
              mmbench: str | None = None, benchmark_max_new_tokens: int = 16,
-             inception_weights: str | None = None, trust_remote_code: bool = False) -> int:
+             inception_weights: str | None = None, trust_remote_code: bool = False,
+             blank_images: bool = False) -> int:
     """Score a MIM (a directory from ``mim export``/``mim convert``, or a .ckpt) on held-out conversations.
 
     Args:
@@ -558,6 +610,8 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
         inception_weights: InceptionV3 weights (pt_inception-2015-12-05 .pth) for torchmetrics' FID.
         trust_remote_code: let the model's own sources run their Python code (a mim.json or checkpoint that
             asks for ``trust_remote_code``); refused without it. Only for models you trust.
+        blank_images: the language-prior control: every user picture replaced by a grey one (answers with
+            an answer key should then fall to chance if the model answers from the pictures).
     """
     from mim.evaluation.mme_mmbench import load_mmbench, load_mme, score_mmbench, score_mme, write_mme_results
     from mim.inference.chat import MIMChat
@@ -575,13 +629,15 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
                                   do_sample=do_sample, top_p=top_p, seed=seed,
                                   logit_bias=trigger_bias(loaded.generator.model.head, image_bias))
     generator = loaded.generator
-    responder = ModelResponder(generator.model, generator.sdxl, generator.refiner, settings)
+    responder = ModelResponder(generator.model, generator.sdxl, generator.refiner, settings, blank_images)
     clip_bundle = build_clip(clip or "openai/clip-vit-large-patch14")
     out = Path(out_dir)
     notes = []
     hparams = dict(generator.model.hparams)
     if any((hparams.get(part) or {}).get("preset") for part in ("llm", "blip2")):
         notes.append("computed with tiny random-weight models: the numbers show the machinery works, not quality")
+    if blank_images:
+        notes.append("language-prior control: every user picture was replaced by a grey one (--blank_images)")
     benchmarks: dict[str, Any] = {}
     if mme:
         items = load_mme(mme)

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -36,7 +37,10 @@ class IngestSource:
         kind: ``folder`` (images + a sidecar captions file or per-image ``.txt``),
             ``table`` (JSONL, CSV or TSV rows of caption and image path),
             ``webdataset`` (tar shards of ``KEY.jpg``/``KEY.png`` + ``KEY.txt``), or
-            ``samples`` (the bundled sample pairs).
+            ``samples`` (the bundled sample pairs), or ``world`` (the procedural world of
+            :mod:`synth.world`, rendered into ``path``; ``options``: ``count``, ``seed``, ``split``
+            (train / held_out), ``mismatched`` (share of pairs given another picture's caption),
+            ``image_size``).
         path: the folder, table file, or a tar shard / folder of shards.
         captions: for folders, the sidecar file (JSONL or CSV with image and caption
             columns) relative to the folder; omitted means ``IMAGE.txt`` beside each image.
@@ -53,10 +57,11 @@ class IngestSource:
     caption_field: str = "caption"
     image_field: str = "image"
     columns: list[str] | None = None
+    options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("folder", "table", "webdataset", "samples"):
-            raise ValueError(f"ingest source kind must be folder, table, webdataset or samples, got {self.kind!r}")
+        if self.kind not in READERS:
+            raise ValueError(f"ingest source kind must be one of {', '.join(READERS)}, got {self.kind!r}")
         if self.kind != "samples" and not self.path:
             raise ValueError(f"an ingest source of kind {self.kind!r} needs a 'path'")
 
@@ -322,7 +327,21 @@ def read_samples(source: IngestSource) -> Iterator[Candidate | Rejection]:
         yield Candidate(pair.caption, str(pair.image), f"samples:{pair.id}")
 
 
-READERS = {"folder": read_folder, "table": read_table, "webdataset": read_webdataset, "samples": read_samples}
+def read_world(source: IngestSource) -> Iterator[Candidate | Rejection]:
+    from synth.world.scenes import read_scenes, write_world
+
+    options = dict(source.options or {})
+    unknown = set(options) - {"count", "seed", "split", "mismatched", "image_size"}
+    if unknown:
+        yield Rejection(f"world:{source.path}", "bad_option", f"unknown world option(s) {sorted(unknown)}")
+        return
+    scenes = read_scenes(write_world(source.path, int(options.pop("count", 1000)), **options))
+    for scene in scenes.values():
+        yield Candidate(scene.caption, str(Path(source.path) / f"{scene.id}.png"), f"world:{scene.id}")
+
+
+READERS = {"folder": read_folder, "table": read_table, "webdataset": read_webdataset, "samples": read_samples,
+           "world": read_world}
 
 
 # --- the stage ----------------------------------------------------------------------------

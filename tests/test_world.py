@@ -1,0 +1,130 @@
+"""The procedural world: deterministic, a held-out split no training picture or text contains, recorded
+mismatches, conversations whose stored answers are true of their pictures, and the answer metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mim.evaluation.held_out import (AnswerStore, ReferenceResponder, answer_cases, answer_metrics, blanked,
+                                     chosen_answer, replay_cases)
+from mim.inference.interleaved import GenerationResult, TextPart
+from synth.data.conversation_io import read_conversations
+from synth.world.dialogues import write_conversations
+from synth.world.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES, read_scenes, render, world_pairs, write_world
+
+
+def test_the_world_is_deterministic_from_its_seed() -> None:
+    first, again, other = (list(world_pairs(30, seed)) for seed in (3, 3, 4))
+    assert first == again and first != other
+    assert render(first[0], 64).tobytes() == render(again[0], 64).tobytes()
+    assert render(first[0], 64).size == (64, 64)
+
+
+def test_held_out_pairs_are_in_no_training_picture_or_caption_and_in_every_held_out_one() -> None:
+    train = list(world_pairs(2000, 0, "train"))
+    held = list(world_pairs(300, 0, "held_out"))
+    assert all((o.colour, o.shape) not in HELD_OUT_PAIRS for scene in train for o in scene.objects)
+    assert all(any((o.colour, o.shape) in HELD_OUT_PAIRS for o in scene.objects) for scene in held)
+    texts = " ".join(scene.caption for scene in train)
+    for colour, shape in HELD_OUT_PAIRS:
+        assert not re.search(rf"\b{colour} {shape}\b", texts)
+    seen = {(o.colour, o.shape) for scene in train for o in scene.objects}
+    assert {c for c, _ in seen} == set(COLOURS) and {s for _, s in seen} == set(SHAPES)  # each part seen
+
+
+def test_mismatched_pairs_are_recorded_and_really_do_not_match() -> None:
+    scenes = list(world_pairs(2000, 1, "train", mismatched=0.1))
+    wrong = [scene for scene in scenes if scene.mismatched]
+    assert 0.07 <= len(wrong) / len(scenes) <= 0.13
+    for scene in wrong:
+        named = set(re.findall(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})", scene.caption))
+        assert named != {(o.colour, o.shape) for o in scene.objects}
+    assert not any(scene.mismatched for scene in world_pairs(200, 1, "train"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("world")
+    scenes = read_scenes(write_world(folder, 200, 0, "train", 0.0, 32))
+    return write_conversations(scenes, folder / "conversations.jsonl", 150, 0), scenes
+
+
+def test_every_stored_answer_is_true_of_its_pictures(world) -> None:
+    path, scenes = world
+    conversations, report = read_conversations(path)
+    assert report.read == 150 and not report.rejected
+    kinds = set()
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        turns = record["conversation"]
+        for answer in record["meta"]["answers"]:
+            kinds.add(answer["type"])
+            question, reply = turns[answer["turn"] - 1], turns[answer["turn"]]
+            pictures = [scenes[name.removesuffix(".png")] for name in question["image_list"]]
+            if answer["type"] == "draw":
+                assert reply["caption_list"] == [answer["answer"]]
+                continue
+            assert answer["answer"] in answer["choices"] and chosen_answer(reply["content"], answer["choices"]) == \
+                answer["answer"]
+            if answer["type"] == "colour":
+                shape = re.search(r"the (\w+)\?", question["content"]).group(1)
+                assert [o.colour for o in pictures[0].objects if o.shape == shape] == [answer["answer"]]
+            if answer["type"] == "which":
+                colour, shape = re.search(r"has an? (\w+) (\w+)\?", question["content"]).groups()
+                holding = [i for i, p in enumerate(pictures) if any((o.colour, o.shape) == (colour, shape)
+                                                                     for o in p.objects)]
+                assert len(holding) == 1 and answer["choices"][holding[0]] == answer["answer"]
+    assert kinds == {"colour", "shape", "count", "position", "which", "recall", "draw"}
+
+
+def test_the_world_is_an_ingest_source(tmp_path: Path) -> None:
+    from synth.selection.ingest import IngestSource, ingest
+
+    result = ingest([IngestSource("world", str(tmp_path / "images"),
+                                  options={"count": 40, "seed": 2, "mismatched": 0.2, "image_size": 32})])
+    assert len(result.pairs) + len(result.rejected) == 40
+    assert all(Image.open(pair.image).size == (32, 32) for pair in result.pairs)
+    records = [json.loads(line) for line in (tmp_path / "images" / "scenes.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in records} >= {Path(p.image).stem for p in result.pairs}
+    with pytest.raises(ValueError, match="kind must be one of"):
+        IngestSource("planet", "x")
+
+
+class ConstantResponder:
+    def respond(self, cases, seeds):
+        return [GenerationResult([TextPart("It is red, the first one, on the left, one.")]) for _ in cases]
+
+
+def test_answer_metrics_score_the_reference_perfectly_and_a_constant_at_its_rate(world, tmp_path: Path) -> None:
+    path, _ = world
+    cases, _ = replay_cases([str(path)])
+    keyed = [case for case in cases if case.answer and case.answer.get("choices")]
+    assert keyed
+    store = AnswerStore(tmp_path / "ref")
+    answer_cases(keyed, ReferenceResponder(), store)
+    table = answer_metrics([(case, store.records[(case.key, 0)]) for case in keyed])
+    assert all(row["accuracy"] == 1.0 for row in table.values())
+    assert table["colour"]["chance"] == pytest.approx(1 / 6) and table["which"]["chance"] > 1 / 3
+    store = AnswerStore(tmp_path / "constant")
+    answer_cases(keyed, ConstantResponder(), store)
+    constant = answer_metrics([(case, store.records[(case.key, 0)]) for case in keyed])
+    expected = sum(case.answer["answer"] == "red" for case in keyed if case.answer["type"] == "colour")
+    assert constant["colour"]["accuracy"] == expected / constant["colour"]["turns"]
+    assert constant["count"]["accuracy"] < 1.0
+
+
+def test_chosen_answer_takes_the_first_choice_named() -> None:
+    assert chosen_answer("It is blue, not red.", ["red", "blue"]) == "blue"
+    assert chosen_answer("The second one.", ["first", "second"]) == "second"
+    assert chosen_answer("reddish", ["red"]) is None
+
+
+def test_blanked_keeps_the_count_and_size_of_pictures() -> None:
+    picture = Image.new("RGB", (20, 10), (255, 0, 0))
+    out = blanked([{"role": "user", "content": "x <image>", "images": [picture]}])
+    assert out[0]["images"][0].size == (20, 10) and out[0]["images"][0].getpixel((0, 0)) == (128, 128, 128)
