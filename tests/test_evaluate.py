@@ -196,3 +196,82 @@ def test_benchmark_answers_are_written_as_they_come_and_resumed(tmp_path: Path) 
     answers = answer_benchmark(items, generate, tmp_path / "answers.jsonl", batch_size=2)
     assert sorted(asked) == sorted(item.key for item in items)  # each asked once
     assert answers == {item.key: item.answer for item in items}
+
+
+def _official_mme_scores(results: Path) -> dict[str, float]:
+    """MME's eval_tool/calculation.py, its reading and scoring steps as published (``readlines``, pairs of
+    lines per image, ``split("\\t")``, ``lower()``, ``parse_pred_ans``, 100 x (acc + acc+))."""
+
+    def parse_pred_ans(pred_ans):
+        if pred_ans in ["yes", "no"]:
+            return pred_ans
+        prefix_pred_ans = pred_ans[:4]
+        if "yes" in prefix_pred_ans:
+            return "yes"
+        if "no" in prefix_pred_ans:
+            return "no"
+        return "other"
+
+    scores = {}
+    for task_txt in sorted(results.glob("*.txt")):
+        lines = open(task_txt, "r").readlines()
+        chunk_lines = list(zip(lines[0::2], lines[1::2]))
+        gts, preds, img_correct_num = [], [], 0
+        for img_items in chunk_lines:
+            img_correct = 0
+            for img_item in img_items:
+                img_name, question, gt_ans, pred_ans = img_item.split("\t")
+                gt_ans, pred_ans = gt_ans.lower(), pred_ans.lower()
+                pred_ans = parse_pred_ans(pred_ans)
+                gts.append(gt_ans)
+                preds.append(pred_ans)
+                img_correct += gt_ans == pred_ans
+            img_correct_num += img_correct == 2
+        accuracy = sum(g == p for g, p in zip(gts, preds)) / len(gts)
+        scores[task_txt.stem] = 100 * (accuracy + img_correct_num / len(chunk_lines))
+    return scores
+
+
+ADVERSARIAL_ANSWERS = ["  yes", "\n\nYes", "\tno", " \r\nNO.", "yes", "No", "Yes, there is", "I think not",
+                       "  nope", "", " ", "y e s", "\u2028yes", "\x85no", "ye\ns", "n\to", "YES\n", "   no way",
+                       "nonsense", "\n\n\n\nyes"]
+
+
+@pytest.mark.parametrize("answer", ADVERSARIAL_ANSWERS)
+def test_mme_score_equals_the_official_tool_on_the_written_files(tmp_path: Path, answer: str) -> None:
+    from mim.evaluation.mme_mmbench import load_mme, score_mme, write_mme_results
+
+    make_mme(tmp_path / "MME")
+    items = load_mme(tmp_path / "MME")
+    # the adversarial answer on every other question, the right answer elsewhere
+    predictions = {item.key: answer if index % 2 else item.answer for index, item in enumerate(items)}
+    write_mme_results(items, predictions, tmp_path / "results")
+    ours = score_mme(items, predictions)["tasks"]
+    official = _official_mme_scores(tmp_path / "results")
+    assert {task: ours[task]["score"] for task in official} == pytest.approx(official)
+
+
+def test_mme_score_equals_the_official_tool_for_any_answer(tmp_path_factory) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mim.evaluation.mme_mmbench import load_mme, score_mme, write_mme_results
+
+    root = tmp_path_factory.mktemp("mme")
+    make_mme(root / "MME")
+    items = load_mme(root / "MME")
+    text = st.text(st.characters(codec="utf-8"), max_size=12)
+    answers = st.one_of(text, st.builds(lambda a, b, c: a + b + c, text, st.sampled_from(["yes", "no", "Yes", "NO"]),
+                                        text))
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(answers, min_size=len(items), max_size=len(items)))
+    def check(answer_list):
+        predictions = {item.key: answer for item, answer in zip(items, answer_list)}
+        out = root / "results"
+        write_mme_results(items, predictions, out)
+        ours = score_mme(items, predictions)["tasks"]
+        official = _official_mme_scores(out)
+        assert {task: ours[task]["score"] for task in official} == pytest.approx(official)
+
+    check()

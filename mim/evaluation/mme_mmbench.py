@@ -90,8 +90,18 @@ def mme_label(answer: str) -> str:
     return "yes" if "yes" in prefix else "no" if "no" in prefix else "other"
 
 
+def mme_written_prediction(answer: str) -> str:
+    """The answer as a results line holds it: whitespace runs (tabs and line breaks included, which would
+    break the tab-separated line) collapsed to one space, the ends stripped."""
+    return " ".join(answer.split())
+
+
 def score_mme(items: list[BenchmarkItem], predictions: dict[str, str]) -> dict[str, Any]:
-    """Per-subtask accuracy, accuracy+ and score, and the Perception / Cognition totals."""
+    """Per-subtask accuracy, accuracy+ and score, and the Perception / Cognition totals.
+
+    Each answer is scored as MME's calculation.py reads it back from :func:`write_mme_results`' file: the
+    written prediction with the line's newline still on it (``readlines``), so the score here and the
+    official tool's on the written files agree for any answer string."""
     by_task: dict[str, list[BenchmarkItem]] = defaultdict(list)
     for item in items:
         by_task[item.meta["task"]].append(item)
@@ -99,7 +109,8 @@ def score_mme(items: list[BenchmarkItem], predictions: dict[str, str]) -> dict[s
     for task, task_items in by_task.items():
         correct, images = 0, defaultdict(list)
         for item in task_items:
-            right = mme_label(predictions.get(item.key, "")) == item.answer.lower()
+            written = mme_written_prediction(predictions.get(item.key, "")) + "\n"
+            right = mme_label(written) == item.answer.lower()
             correct += right
             images[item.meta["image_name"]].append(right)
         accuracy = correct / len(task_items)
@@ -115,7 +126,7 @@ def write_mme_results(items: list[BenchmarkItem], predictions: dict[str, str], o
     out_dir.mkdir(parents=True, exist_ok=True)
     by_task: dict[str, list[str]] = defaultdict(list)
     for item in items:
-        prediction = " ".join(predictions.get(item.key, "").split())
+        prediction = mme_written_prediction(predictions.get(item.key, ""))
         by_task[item.meta["task"]].append(
             f"{item.meta['image_name']}\t{item.meta['question']}\t{item.answer}\t{prediction}\n")
     for task, lines in by_task.items():
