@@ -181,11 +181,15 @@ def export_checkpoint(ckpt: str, out: str, sdxl: dict | None = None, refiner: di
                       merge_lora: bool = False, trust_remote_code: bool = False) -> Path:
     """Lightning checkpoint (file or sharded folder) -> MIM directory (only the trained weights travel;
     with ``merge_lora`` the LLM with its adapters folded in, see :func:`save_merged_directory`)."""
+    from mim.modeling.sharing import checkpoint_training_figures, write_model_card
+
     model = load_model(ckpt, trust_remote_code=trust_remote_code)
     if merge_lora:
-        return save_merged_directory(model, out, sdxl, refiner)
-    keys = set(read_checkpoint(ckpt)["state_dict"])
-    return save_directory(model, out, sdxl, refiner, keys=keys)
+        directory = save_merged_directory(model, out, sdxl, refiner)
+    else:
+        directory = save_directory(model, out, sdxl, refiner, keys=set(read_checkpoint(ckpt)["state_dict"]))
+    write_model_card(directory, checkpoint_training_figures(ckpt))
+    return directory
 
 
 def convert(released: str, out: str, llm: dict | str = "meta-llama/Llama-2-7b-chat-hf",
@@ -208,7 +212,10 @@ def convert(released: str, out: str, llm: dict | str = "meta-llama/Llama-2-7b-ch
 
     model = MIM(head=LanguageDescriptionHead(), llm=llm, blip2=blip2, stage="instruction")
     convert_released(read_released(released), model, tuple(released_tokens or RELEASED_TOKENS))
+    from mim.modeling.sharing import write_model_card
+
     save_directory(model, out, sdxl=source_record(sdxl), refiner=source_record(refiner))
+    write_model_card(out, {"converted from": f"the released TextBind checkpoint ({Path(released).name})"})
     print(f"converted {released} -> {out}")
     return 0
 

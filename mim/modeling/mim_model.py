@@ -25,6 +25,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -474,6 +475,43 @@ class MIM(L.LightningModule):
                            f"{' ...' if len(missing_trained) > 5 else ''}")
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         return result
+
+    # --- sharing: the MIM directory as the unit users exchange -------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], quantization: str | None = None,
+                        trust_remote_code: bool = False, **overrides: Any) -> "MIM":
+        """A MIM from a directory (``mim export``, :meth:`save_pretrained`, a downloaded Hub repository), a
+        Lightning ``.ckpt`` or a sharded checkpoint folder; ``overrides`` replace saved settings (e.g. ``llm``).
+        Nothing in the files chooses code: see :func:`mim.modeling.directory.load_model`."""
+        from mim.modeling.directory import load_model
+
+        return load_model(path, quantization, trust_remote_code, **overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], sdxl: ModelSource | str | dict | None = None,
+                        refiner: ModelSource | str | dict | None = None, training: dict[str, Any] | None = None,
+                        evaluation: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
+        """Write the MIM directory (mim.json, trained.safetensors) and its model card (README.md, with the
+        ``training`` and ``evaluation`` figures given); :meth:`from_pretrained` reads it back."""
+        from mim.modeling.directory import save_directory, source_record
+        from mim.modeling.sharing import write_model_card
+
+        out = save_directory(self, directory, source_record(sdxl), source_record(refiner))
+        write_model_card(out, training, evaluation, repo_id)
+        return out
+
+    def push_to_hub(self, repo_id: str, sdxl: ModelSource | str | dict | None = None, private: bool = True,
+                    token: str | None = None, commit_message: str = "Upload MIM directory",
+                    training: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None) -> str:
+        """Save to a temporary MIM directory and upload it to the Hub repository ``repo_id`` (created private
+        unless ``private=False``); returns the commit URL."""
+        import tempfile
+
+        from mim.modeling.sharing import push_directory
+
+        with tempfile.TemporaryDirectory(prefix="mim-push-") as folder:
+            self.save_pretrained(folder, sdxl=sdxl, training=training, evaluation=evaluation, repo_id=repo_id)
+            return push_directory(folder, repo_id, private, token, commit_message)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any) -> "MIM":
