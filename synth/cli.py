@@ -46,16 +46,20 @@ def describe(paths: list[Path], format: str = "auto") -> int:
 
 
 def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | None = None,
-                    max_errors: int = 20) -> int:
-    """Convert a source dataset in its published format (``synth.data.sources``) into TextBind-format JSONL.
+                    max_errors: int = 20, to: str = "textbind") -> int:
+    """Convert a dataset between formats: a source's published format (``synth.data.sources``), TextBind,
+    LLaVA, ShareGPT or OpenAI chat in; TextBind, ShareGPT or OpenAI chat JSONL out.
 
     Args:
         paths: the source files (e.g. Open-Platypus JSON/parquet, MiniGPT-4's filter_cap.json).
         out: the JSONL to write.
-        format: the source's format.
+        format: the input's format (auto: by each record's fields).
         image_dir: recorded as every record's ``image_dir`` (relative to where training resolves images).
         max_errors: how many rejections to print in full (all are counted).
+        to: the output format.
     """
+    from synth.data.chat_formats import materialize_inline_images
+    from synth.data.schema import Location, SchemaError
     from synth.data.conversation_io import read_conversations, write_conversations
 
     if out.is_dir():
@@ -68,21 +72,29 @@ def convert_dataset(paths: list[Path], out: Path, format: str, image_dir: str | 
     conversations, rejected, summaries, unreadable = [], [], [], []
     for path in paths:  # one file that cannot be read costs only itself
         try:
-            read, report = read_conversations(path, on_error="skip", format=format)
+            read, report = read_conversations(path, on_error="skip", format=format, inline_images=True)
         except (OSError, ImportError, ValueError) as error:
             unreadable.append(f"{path}: {error}")
             continue
-        conversations += read
+        for conversation in read:  # data: URL images become files beside the output, named by content
+            if conversation.extra.get("_inline_images"):
+                try:
+                    materialize_inline_images(conversation, out.parent / f"{out.stem}_images", f"{out.stem}_images")
+                except SchemaError as error:
+                    report.rejected.append(error.at(Location(str(path), 0, conversation.id)))
+                    report.read -= 1
+                    continue
+            conversations.append(conversation)
         rejected += report.rejected
         summaries.append(report.summary())
     for conversation in conversations:
-        if image_dir is not None:
+        if image_dir is not None and conversation.image_dir != f"{out.stem}_images":
             conversation.image_dir = image_dir
     for error in rejected[:max_errors]:
         print(f"[{error.rule}] {error}")
     for problem in unreadable:
         print(f"[unreadable_file] {problem}", file=sys.stderr)
-    written = write_conversations(out, conversations)
+    written = write_conversations(out, conversations, to)
     print(f"{'; '.join(summaries) or 'nothing read'}; {len(unreadable)} file(s) unreadable; {written} written to {out}")
     return 0 if written else 1
 
@@ -118,7 +130,7 @@ def download_images_command(paths: list[Path], image_root: Path, complete: Path 
 def build_parser():
     import argparse
 
-    from synth.data.conversation_io import FORMATS
+    from synth.data.conversation_io import FORMATS, WRITERS
 
     parser = argparse.ArgumentParser(prog="synth", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,11 +159,13 @@ def build_parser():
                              help="config overrides, e.g. cluster.k=64 work_dir=runs/x")
         if stage == "run":
             command.add_argument("--until", choices=STAGES, default=STAGES[-1], help="last stage to run")
-    command = commands.add_parser("convert-dataset", help="a source dataset (Platypus, MiniGPT-4, Shikra, "
-                                  "MultiInstruct, LLaVA) in its own format -> TextBind-format JSONL")
+    command = commands.add_parser("convert-dataset", help="a dataset in its own format (Platypus, MiniGPT-4, "
+                                  "Shikra, MultiInstruct, LLaVA, ShareGPT, OpenAI chat) -> TextBind, ShareGPT or "
+                                  "OpenAI chat JSONL")
     command.add_argument("paths", nargs="+", type=Path, help="the source's files")
     command.add_argument("--out", type=Path, required=True, help="the JSONL to write")
-    command.add_argument("--format", choices=[f for f in FORMATS if f != "auto"], required=True)
+    command.add_argument("--format", choices=list(FORMATS), required=True, help="the input's format")
+    command.add_argument("--to", choices=list(WRITERS), default="textbind", help="the output's format")
     command.add_argument("--image-dir", default=None, help="image_dir to record in every conversation")
     command = commands.add_parser("download-images", help="fetch the images of released TextBind conversations "
                                   "(url_list), resized and padded to 512 px white as the release did")
@@ -256,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                                          args.attempts, args.size, args.failures, args.deadline,
                                          args.allow_private_addresses, args.pixel_budget))
     if args.command == "convert-dataset":
-        sys.exit(convert_dataset(args.paths, args.out, args.format, args.image_dir))
+        sys.exit(convert_dataset(args.paths, args.out, args.format, args.image_dir, to=args.to))
     if args.command == "world":
         from synth.world.dialogues import write_conversations as write_world_conversations
         from synth.world.scenes import read_scenes, write_world

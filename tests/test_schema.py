@@ -305,7 +305,7 @@ def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="on_error must be"):
         list(iter_conversations(CONVERSATIONS_FILE, on_error="ignore"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="format must be"):
-        list(iter_conversations(CONVERSATIONS_FILE, format="sharegpt"))  # type: ignore[arg-type]
+        list(iter_conversations(CONVERSATIONS_FILE, format="vicuna"))  # type: ignore[arg-type]
 
 
 def test_image_path_resolution_stays_under_image_dir(tmp_path: Path) -> None:

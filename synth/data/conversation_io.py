@@ -17,13 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from synth.atomic import atomic_path
+from synth.data.chat_formats import from_openai, from_sharegpt, to_openai, to_sharegpt
 from synth.data.schema import PARSERS, Conversation, Location, SchemaError, detect_format, to_textbind
 from synth.data.sources import SOURCE_ID_FIELDS, SOURCE_PARSERS, container_records
 
 OnError = Literal["raise", "skip"]
 #: auto (TextBind or LLaVA, by the record's fields), or a source format of synth.data.sources.
 Format = Literal["auto", "textbind", "llava", "platypus", "minigpt4", "shikra", "multiinstruct"]
-FORMATS = ("auto", *PARSERS, *SOURCE_PARSERS)
+#: every record format the readers take: the schema's, the chat formats', and the sources'.
+RECORD_PARSERS = {**PARSERS, "openai": from_openai, "sharegpt": from_sharegpt}
+FORMATS = ("auto", *RECORD_PARSERS, *SOURCE_PARSERS)
+#: the formats ``synth convert-dataset --to`` writes
+WRITERS = {"textbind": to_textbind, "openai": to_openai, "sharegpt": to_sharegpt}
 
 
 @dataclass
@@ -160,8 +165,11 @@ def iter_conversations(
     on_error: OnError = "raise",
     report: ReadReport | None = None,
     format: Format = "auto",
+    inline_images: bool = False,
 ) -> Iterator[Conversation]:
-    """Yield the valid conversations of one file, in order.
+    """Yield the valid conversations of one file, in order. ``inline_images``: keep OpenAI ``data:`` URL
+    images for :func:`synth.data.chat_formats.materialize_inline_images` (``synth convert-dataset``); without
+    it such a record is rejected (training reads image files).
 
     Records without an ``id`` get ``<file stem>-<index>`` so every record can
     be named in messages and kept apart when files are mixed. A second record
@@ -186,8 +194,10 @@ def iter_conversations(
             id_field = SOURCE_ID_FIELDS.get(format, "id")
             if isinstance(raw, dict) and isinstance(raw.get(id_field), (str, int)):
                 record_id = str(raw[id_field])
-            parse = PARSERS[detect_format(raw)] if format == "auto" else {**PARSERS, **SOURCE_PARSERS}[format]
-            conversation = parse(raw, default_id)
+            parse = RECORD_PARSERS[detect_format(raw)] if format == "auto" else \
+                {**RECORD_PARSERS, **SOURCE_PARSERS}[format]
+            conversation = parse(raw, default_id, inline_images=True) if inline_images and parse is from_openai \
+                else parse(raw, default_id)
             if conversation.id in seen:
                 raise SchemaError("duplicate_id", f"id {conversation.id!r} was already used by the record at line "
                                                   f"{seen[conversation.id]}; ids must be unique within a file")
@@ -209,25 +219,30 @@ def read_conversations(
     *,
     on_error: OnError = "raise",
     format: Format = "auto",
+    inline_images: bool = False,
 ) -> tuple[list[Conversation], ReadReport]:
     """All valid conversations of one or more files, and the report of what was rejected."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     report = ReadReport()
     conversations = [c for path in paths for c in iter_conversations(path, on_error=on_error, report=report,
-                                                                         format=format)]
+                                                                         format=format, inline_images=inline_images)]
     return conversations, report
 
 
-def dumps_jsonl(conversation: Conversation) -> str:
-    return json.dumps(to_textbind(conversation), ensure_ascii=False) + "\n"
+def dumps_jsonl(conversation: Conversation, format: str = "textbind") -> str:
+    return json.dumps(WRITERS[format](conversation), ensure_ascii=False) + "\n"
 
 
-def write_conversations(path: str | os.PathLike[str], conversations: Iterable[Conversation]) -> int:
-    """Write TextBind-format JSONL atomically (a crash never leaves half a file); return the count."""
+def write_conversations(path: str | os.PathLike[str], conversations: Iterable[Conversation],
+                        format: str = "textbind") -> int:
+    """Write JSONL atomically (a crash never leaves half a file) in ``format`` (TextBind by default, or one of
+    :data:`WRITERS`); return the count."""
+    if format not in WRITERS:
+        raise ValueError(f"format must be one of {', '.join(WRITERS)}, got {format!r}")
     count = 0
     with atomic_path(path) as temporary, temporary.open("w", encoding="utf-8") as handle:
         for conversation in conversations:
-            handle.write(dumps_jsonl(conversation))
+            handle.write(dumps_jsonl(conversation, format))
             count += 1
     return count

@@ -358,15 +358,19 @@ def to_textbind(conversation: Conversation) -> dict[str, Any]:
 
 
 def detect_format(record: object) -> str:
-    """``textbind`` or ``llava``, from the record's fields."""
+    """``textbind``, ``llava``, ``sharegpt`` (LLaVA's turns with an ``images`` list) or ``openai``
+    (``messages``), from the record's fields."""
     if isinstance(record, dict):
         if "conversation" in record:
             return "textbind"
         if "conversations" in record:
-            return "llava"
+            return "sharegpt" if "images" in record else "llava"
+        if "messages" in record:
+            return "openai"
     raise SchemaError(
         "unknown_format",
-        "record has neither 'conversation' (TextBind format) nor 'conversations' (LLaVA format)",
+        "record has none of 'conversation' (TextBind format), 'conversations' (LLaVA or ShareGPT) and "
+        "'messages' (OpenAI chat)",
     )
 
 
