@@ -68,7 +68,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path, blank: bool, max_cases: in
     model = load_model(checkpoint).eval()
     cases, _ = replay_cases([str(data)], max_cases=max_cases)
     cases = [case for case in cases if case.answer and case.answer.get("choices")]
-    responder = ModelResponder(model, None, settings=GenerationSettings(max_new_tokens=8, do_sample=False,
+    responder = ModelResponder(model, None, settings=GenerationSettings(max_new_tokens=16, do_sample=False,
                                                                         max_images=0), blank_images=blank)
     return evaluate_cases(cases, responder, out)["answers"]
 

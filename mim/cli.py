@@ -1,4 +1,4 @@
-"""``mim``: train with LightningCLI (``mim fit --config ...``); chat, serve, generate, convert, export, ablation.
+"""``mim``: train with LightningCLI (``mim fit --config ...``); chat, serve, generate, convert, export, ablation, world.
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's: every
 Trainer option (strategy, precision, devices, accumulate_grad_batches, ...)
@@ -17,6 +17,7 @@ from mim.training_cli import LIGHTNING_COMMANDS
 def _functions() -> dict:
     """The non-Lightning commands: name -> function whose signature and docstring are its flags."""
     from mim.evaluation.head_ablation import run_ablation
+    from mim.experiments.world import world
     from mim.inference.reply_files import generate
     from mim.modeling.directory import convert
     from mim.evaluation.held_out import evaluate
@@ -45,7 +46,7 @@ def _functions() -> dict:
         return 0
 
     return {"quickstart": quickstart, "ablation": run_ablation, "chat": chat, "serve": serve, "convert": convert,
-            "export": export, "evaluate": evaluate, "generate": generate}
+            "export": export, "evaluate": evaluate, "generate": generate, "world": world}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -155,3 +155,21 @@ def write_conversations(scenes: dict[str, Scene], path: str | os.PathLike[str], 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(lines))
     return path
+
+
+def swapped_which(record: dict[str, Any]) -> dict[str, Any]:
+    """The same conversation with the pictures of every "which" question in reverse order and its answer
+    moved with them: a model that reads the pictures follows the swap, one that guesses does not."""
+    turns = [dict(turn) for turn in record["conversation"]]
+    answers = []
+    for key in record.get("meta", {}).get("answers", []):
+        key = dict(key)
+        if key.get("type") == "which":
+            question = turns[key["turn"] - 1]
+            question["image_list"] = list(reversed(question["image_list"]))
+            position = len(question["image_list"]) - 1 - ORDINALS.index(key["answer"])
+            key["answer"] = ORDINALS[position]
+            turns[key["turn"]]["content"] = f"The {ORDINALS[position]} one."
+        answers.append(key)
+    return {**record, "id": f"{record['id']}-swapped", "conversation": turns,
+            "meta": {**record.get("meta", {}), "answers": answers}}

@@ -1,0 +1,1 @@
+"""Experiments that run the whole pipeline and report: the world experiment (``mim world``)."""

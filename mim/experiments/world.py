@@ -1,0 +1,422 @@
+"""``mim world``: the world experiment, end to end, on a CPU.
+
+world pictures -> world parts (LLM, CLIP, vision tower; :mod:`synth.world.parts`) -> the section 3.2 match
+filter with the world CLIP (``synth score``'s code, at the world's calibrated threshold) -> stage 1 on the
+kept pairs -> for every head and seed: head pre-training, stage 2 on conversations over the kept pictures ->
+``mim evaluate``'s answer keys on new pictures of seen and of held-out colour-shape pairs, with the pictures
+blanked (the language-prior control) and with the pictures of every "which" question in reverse order ->
+a report (mean and 95% interval over seeds).
+
+Every step leaves its result on disk and is skipped when it is there; an interrupted fit resumes from its
+``last.ckpt``. The parts and stage 1 are shared by every head and seed (as the paper's stage 1 is shared by
+its heads); seeds vary head pre-training and stage 2.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from synth.atomic import atomic_write_text
+
+#: heads the world experiment can build; the MSE heads need an SDXL text side in the world's space (not yet).
+HEADS = {"language": "heads.LanguageDescriptionHead"}
+
+
+@dataclass
+class WorldPlan:
+    """The experiment's sizes and budgets (configs/world/experiment.yaml)."""
+
+    out_dir: str = "runs/world"
+    scenes: int = 3000  # training pictures
+    mismatched: float = 0.1  # share of training pairs given another picture's caption (the filter must drop them)
+    calibration_scenes: int = 400  # half mismatched: sets the world CLIP's match threshold
+    conversations: int = 6000
+    eval_scenes: int = 300
+    eval_conversations: int = 200
+    llm_steps: int = 800
+    clip_steps: int = 600
+    tower_steps: int = 600
+    pretrain_qformer: bool = True  # BLIP-2's image-text contrastive stage for the Q-Former, with the tower
+    stage1_steps: int = 1000  # 0 skips stage 1 (stage 2 then starts from a new projection)
+    stage1_learning_rate: float = 2.0e-3
+    head_steps: int = 200
+    head_learning_rate: float = 1.0e-3
+    stage2_steps: int = 4000
+    stage2_learning_rate: float = 1.0e-3
+    batch_size: int = 8
+    heads: list[str] = field(default_factory=lambda: ["language"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    world_seed: int = 0
+    max_cases: int | None = None
+    max_new_tokens: int = 24
+    #: what is evaluated: test (seen pairs), held_out, swapped; each of test and held_out also blanked
+    splits: list[str] = field(default_factory=lambda: ["test", "held_out", "swapped"])
+
+    def __post_init__(self) -> None:
+        unknown = [h for h in self.heads if h not in HEADS]
+        if unknown:
+            raise ValueError(f"heads {unknown}: the world experiment builds {sorted(HEADS)}; the MSE heads need "
+                             "an SDXL whose text encoders live in the world CLIP's space, which is not built yet")
+        if set(self.splits) - {"test", "held_out", "swapped"}:
+            raise ValueError(f"splits {self.splits}: choose among test, held_out, swapped")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one")
+
+
+def _done(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write(path: Path, record: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def build_world(plan: WorldPlan) -> dict[str, Path]:
+    """Pictures and records: training pairs (with mismatches), calibration pairs, and evaluation
+    conversations on new pictures of seen (``test``) and held-out combinations, plus ``test`` with every
+    "which" question's pictures reversed (``swapped``)."""
+    from synth.world.dialogues import swapped_which, write_conversations
+    from synth.world.scenes import read_scenes, write_world
+
+    root, seed = Path(plan.out_dir) / "world", plan.world_seed
+    files = {"train": write_world(root / "train", plan.scenes, seed, "train", plan.mismatched),
+             "calibration": write_world(root / "calibration", plan.calibration_scenes, seed + 500, "train", 0.5)}
+    for name, split, offset in (("test", "train", 1000), ("held_out", "held_out", 2000)):
+        scenes = read_scenes(write_world(root / name, plan.eval_scenes, seed + offset, split))
+        files[name] = write_conversations(scenes, root / name / "conversations.jsonl", plan.eval_conversations,
+                                          seed + offset, prefix=name)
+    swapped = root / "test" / "swapped.jsonl"
+    records = [json.loads(line) for line in files["test"].read_text().splitlines() if line.strip()]
+    atomic_write_text(swapped, "".join(json.dumps(swapped_which(r)) + "\n" for r in records))
+    files["swapped"] = swapped
+    return files
+
+
+def build_parts(plan: WorldPlan, files: dict[str, Path]) -> dict[str, Path]:
+    """The world LLM, CLIP and vision tower (cached in ``out_dir/parts``)."""
+    from synth.model_parts.text_tokenizers import tiny_llama_tokenizer
+    from synth.world.dialogues import write_conversations
+    from synth.world.parts import pretrain_clip, pretrain_language_model, pretrain_vision_tower, world_texts
+    from synth.world.scenes import read_scenes
+
+    parts = Path(plan.out_dir) / "parts"
+    train = [s for s in read_scenes(files["train"]).values() if not s.mismatched]
+    calibration = list(read_scenes(files["calibration"]).values())
+    # the LLM reads the world's text: captions, and dialogues about training pictures (their own draw)
+    text_file = write_conversations({s.id: s for s in train}, parts / "llm_dialogues.jsonl", plan.conversations,
+                                    plan.world_seed + 7, prefix="text")
+    dialogues = [json.loads(line) for line in text_file.read_text().splitlines() if line.strip()]
+    llm = pretrain_language_model(parts / "llm", world_texts(train, dialogues, tiny_llama_tokenizer()),
+                                  plan.llm_steps, seed=plan.world_seed)
+    clip = pretrain_clip(parts / "clip", train, files["train"].parent, calibration, files["calibration"].parent,
+                         plan.clip_steps, seed=plan.world_seed)
+    blip2 = pretrain_vision_tower(parts / "blip2", clip, train, files["train"].parent, plan.tower_steps,
+                                  seed=plan.world_seed, train_qformer=plan.pretrain_qformer)
+    return {"llm": llm, "clip": clip, "blip2": blip2}
+
+
+def filter_pairs(plan: WorldPlan, files: dict[str, Path], clip: Path) -> dict[str, Any]:
+    """Section 3.2's match filter over the training pairs with the world CLIP (``synth score``'s stage, at the
+    calibrated threshold); writes the kept pairs and the conversations over them."""
+    from synth.data.pairs import read_pairs
+    from synth.selection.embed import embed_pairs, load_embeddings
+    from synth.world.dialogues import write_conversations
+    from synth.world.scenes import read_scenes
+
+    out = Path(plan.out_dir) / "filter"
+    if (record := _done(out / "filter.json")) is not None:
+        return record
+    threshold = json.loads((clip / "world_threshold.json").read_text())["threshold"]
+    pairs = list(read_pairs(files["train"], files["train"].parent))
+    shards = embed_pairs(pairs, out / "score", {"pretrained": str(clip)}, batch_size=128, num_workers=0)
+    kept_ids = set(load_embeddings(shards, threshold)[0].tolist())
+    scenes = read_scenes(files["train"])
+    kept = {i: s for i, s in scenes.items() if i in kept_ids}
+    lines = [json.dumps({**s.record(), "image": f"{s.id}.png"}) + "\n" for s in kept.values()]
+    atomic_write_text(out / "pairs.jsonl", "".join(lines))
+    write_conversations(kept, out / "conversations.jsonl", plan.conversations, plan.world_seed + 3,
+                        prefix="train")
+    mismatched = [s for s in scenes.values() if s.mismatched]
+    return _write(out / "filter.json", {
+        "threshold": threshold, "pairs": len(scenes), "kept": len(kept),
+        "mismatched": len(mismatched),
+        "mismatched_rejected": sum(s.id not in kept_ids for s in mismatched) / max(1, len(mismatched)),
+        "matched_kept": sum(s.id in kept_ids for s in scenes.values() if not s.mismatched)
+        / max(1, len(scenes) - len(mismatched))})
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+
+def _fit_config(run: Path, stage: str, head: str, steps: int, learning_rate: float, parts: dict[str, Path],
+                data: dict[str, Any], seed: int, init_from: list[str]) -> dict[str, Any]:
+    return {
+        "seed_everything": seed,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 20,
+                    "default_root_dir": str(run), "enable_model_summary": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(run), "name": "logs", "version": 0}},
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True,
+                                                 "enable_version_counter": False}}]},
+        "model": {"stage": stage, "head": {"class_path": HEADS[head]},
+                  "llm": {"pretrained": str(parts["llm"])}, "blip2": {"pretrained": str(parts["blip2"])},
+                  "learning_rate": learning_rate, "warmup_ratio": 0.1, "init_from": init_from or None},
+        "data": data,
+    }
+
+
+def fit(run: Path, config: dict[str, Any]) -> Path:
+    """One ``mim fit`` run, skipped when done, resumed from ``last.ckpt`` when interrupted."""
+    import yaml
+
+    from mim.training_cli import lightning_cli
+
+    done = run / "done.json"
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    if done.is_file():
+        return checkpoint
+    run.mkdir(parents=True, exist_ok=True)
+    config_file = run / "fit.yaml"
+    atomic_write_text(config_file, yaml.safe_dump(config, sort_keys=False))
+    args = ["fit", "--config", str(config_file)]
+    if checkpoint.is_file():
+        args += ["--ckpt_path", str(checkpoint)]
+    start = time.perf_counter()
+    lightning_cli(args)
+    _write(done, {"seconds": round(time.perf_counter() - start, 1), "steps": config["trainer"]["max_steps"]})
+    return checkpoint
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+
+
+def caption_retrieval(pairs: list[tuple[Any, dict]], captions: list[str], clip) -> dict[str, Any] | None:
+    """Image generation in conditioning space: the caption the language head wrote for a draw turn, embedded
+    by the world CLIP's text side, retrieves the requested caption among ``captions`` (R@1, R@5)."""
+    import torch
+
+    rows = [(case, answer["descriptions"][0]) for case, answer in pairs
+            if case.answer and case.answer.get("type") == "draw" and answer.get("descriptions")]
+    if not rows:
+        return None
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> torch.Tensor:
+        inputs = clip.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        return torch.nn.functional.normalize(clip.model.get_text_features(**inputs).pooler_output, dim=-1)
+
+    library = sorted(set(captions))
+    index = {c: i for i, c in enumerate(library)}
+    similarity = embed([d for _, d in rows]) @ embed(library).T  # (turns, captions)
+    ranks = [int((similarity[i] > similarity[i, index[case.answer["answer"]]]).sum())
+             for i, (case, _) in enumerate(rows)]
+    draw_turns = sum(1 for case, _ in pairs if case.answer and case.answer.get("type") == "draw")
+    return {"r_at_1": sum(r < 1 for r in ranks) / len(ranks), "r_at_5": sum(r < 5 for r in ranks) / len(ranks),
+            "drawn": len(rows), "draw_turns": draw_turns, "captions": len(library),
+            "exact_caption": sum(d.strip() == c.answer["answer"] for c, d in rows) / len(rows)}
+
+
+def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: WorldPlan, clip) -> dict[str, Any]:
+    """Answer keys on seen and held-out pictures, blanked, and with the "which" pictures reversed."""
+    from mim.evaluation.held_out import ModelResponder, evaluate_cases, replay_cases
+    from mim.inference.interleaved import GenerationSettings
+    from mim.modeling.directory import load_model
+    from synth.model_parts.sdxl import build_sdxl
+    from synth.world.scenes import read_scenes
+
+    if (record := _done(out / "evaluation.json")) is not None:
+        return record
+    model = load_model(checkpoint).eval()
+    sdxl = build_sdxl({"preset": "tiny"})  # draws the language head's captions; the check is in caption space
+    settings = GenerationSettings(max_new_tokens=plan.max_new_tokens, do_sample=False, max_images=1,
+                                  image_size=64, num_inference_steps=2)
+    results: dict[str, Any] = {}
+    for name in plan.splits:
+        cases, _ = replay_cases([str(files[name])], max_cases=plan.max_cases)
+        for blank in ((False, True) if name != "swapped" else (False,)):
+            label = f"{name}{'_blank' if blank else ''}"
+            report = evaluate_cases(cases, ModelResponder(model, sdxl, settings=settings, blank_images=blank),
+                                    out / label)
+            from mim.evaluation.held_out import AnswerStore
+
+            store = AnswerStore(out / label)
+            pairs = [(c, store.records[(c.key, 0)]) for c in cases if (c.key, 0) in store.records]
+            captions = [s.caption for s in read_scenes(files[name if name != "swapped" else "test"].parent
+                                                       / "scenes.jsonl").values()]
+            results[label] = {"answers": report["answers"], "drawing": report["drawing"],
+                              "retrieval": caption_retrieval(pairs, captions, clip) if not blank else None}
+    return _write(out / "evaluation.json", results)
+
+
+def export_world_mim(checkpoint: Path, directory: Path) -> Path:
+    """A MIM directory for ``mim chat`` and ``mim serve`` (drawing with the tiny SDXL preset: the world has
+    no trained image decoder; what is drawn is checked in caption space, not in pixels)."""
+    from mim.modeling.directory import export_checkpoint
+
+    if not (directory / "mim.json").is_file():
+        export_checkpoint(str(checkpoint), str(directory), sdxl={"preset": "tiny"})
+    return directory
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+def interval(values: list[float]) -> dict[str, float | int]:
+    """Mean and the half-width of its 95% t-interval (0 for one seed: no spread measured)."""
+    import math
+
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "half_width": 0.0, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"mean": mean, "half_width": float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)), "n": n}
+
+
+def summarise(evaluations: dict[str, dict[int, dict]]) -> dict[str, Any]:
+    """Per head: every measured figure as mean and 95% interval over seeds."""
+    summary: dict[str, Any] = {}
+    for head, by_seed in evaluations.items():
+        runs = list(by_seed.values())
+        table: dict[str, Any] = {}
+        for label in runs[0]:
+            for kind in runs[0][label]["answers"] or {}:
+                table[f"{label}/{kind}"] = {
+                    **interval([r[label]["answers"][kind]["accuracy"] for r in runs]),
+                    "chance": runs[0][label]["answers"][kind]["chance"],
+                    "turns": runs[0][label]["answers"][kind]["turns"]}
+            f1 = [r[label]["drawing"]["f1"] for r in runs]
+            if all(v is not None for v in f1):
+                table[f"{label}/draw_f1"] = interval(f1)
+            retrieval = [r[label]["retrieval"] for r in runs]
+            if all(retrieval):
+                table[f"{label}/r_at_1"] = interval([v["r_at_1"] for v in retrieval])
+                table[f"{label}/r_at_5"] = interval([v["r_at_5"] for v in retrieval])
+        summary[head] = table
+    return summary
+
+
+TARGETS = {"attribute accuracy (colour, shape, count, position)": ">= 0.90", "which": ">= 0.90",
+           "blank control": "within 0.10 of chance", "draw F1": ">= 0.95", "R@1 (seen)": ">= 0.80"}
+
+
+def write_report(out: Path, plan: WorldPlan, summary: dict[str, Any], steps: dict[str, Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _write(out / "report.json", {"plan": asdict(plan), "summary": summary, "steps": steps})
+    lines = ["# The world experiment", "",
+             f"{len(plan.seeds)} seed(s) per head; each cell is the mean over seeds and its 95% t-interval "
+             "(+- half-width). Chance is one over the number of choices.", "",
+             f"Match filter (world CLIP, threshold {steps['filter']['threshold']}): kept "
+             f"{steps['filter']['matched_kept']:.3f} of matched pairs, rejected "
+             f"{steps['filter']['mismatched_rejected']:.3f} of mismatched ones.", ""]
+    columns = ("test", "held_out", "test_blank", "held_out_blank", "swapped")
+    names = {"test": "seen", "held_out": "held-out pairs", "test_blank": "seen, blanked",
+             "held_out_blank": "held-out, blanked", "swapped": "seen, pictures swapped"}
+    for head, table in summary.items():
+        rows = sorted({key.split("/", 1)[1] for key in table}, key=lambda r: (r in ("all",) or "_" in r, r))
+        lines += [f"## {head}", "", "| measure | chance | " + " | ".join(names[c] for c in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for row in rows:
+            cells = [table.get(f"{column}/{row}") for column in columns]
+            chance = next((f"{c['chance']:.2f}" for c in cells if c and "chance" in c), "-")
+            lines.append(f"| {row} | {chance} | " + " | ".join(
+                f"{c['mean']:.2f} +- {c['half_width']:.2f}" if c else "-" for c in cells) + " |")
+        lines.append("")
+    lines += ["## Targets (issue 21)", "", *[f"- {k}: {v}" for k, v in TARGETS.items()], "",
+              "![accuracy by question type](accuracy.png)", "",
+              f"Wall time: {steps['seconds']:.0f} s.", ""]
+    figure, axis = plt.subplots(figsize=(9, 3.5), dpi=100)
+    width = 0.8 / max(1, 3 * len(summary))
+    for h, (head, table) in enumerate(summary.items()):
+        kinds = sorted({k.split("/")[1] for k in table if k.startswith("test/") and "chance" in table[k]})
+        for s, label in enumerate(("test", "held_out", "test_blank")):
+            cells = [table.get(f"{label}/{k}", {"mean": 0, "half_width": 0}) for k in kinds]
+            axis.bar([i + (3 * h + s) * width for i in range(len(kinds))], [c["mean"] for c in cells], width,
+                     yerr=[c["half_width"] for c in cells], label=f"{head} {label}")
+        axis.scatter([i + width for i in range(len(kinds))],
+                     [table[f"test/{k}"]["chance"] for k in kinds], marker="_", s=400, color="black",
+                     label="chance" if h == 0 else None, zorder=3)
+        axis.set_xticks([i + width for i in range(len(kinds))], kinds)
+    axis.set_ylabel("answer accuracy")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "accuracy.png")
+    plt.close(figure)
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out / "report.md"
+
+
+def run_world(plan: WorldPlan) -> Path:
+    """Every step of the experiment, each skipped when its result is on disk; returns the report's path."""
+    from synth.model_parts.clip import build_clip
+
+    start = time.perf_counter()
+    out = Path(plan.out_dir)
+    files = build_world(plan)
+    parts = build_parts(plan, files)
+    filtered = filter_pairs(plan, files, parts["clip"])
+    print(f"world: match filter kept {filtered['kept']} of {filtered['pairs']} pairs "
+          f"(rejected {filtered['mismatched_rejected']:.1%} of the mismatched)", flush=True)
+    pairs_file = str(out / "filter" / "pairs.jsonl")
+    stage1 = None if not plan.stage1_steps else fit(out / "stage1", _fit_config(
+        out / "stage1", "alignment", plan.heads[0], plan.stage1_steps, plan.stage1_learning_rate, parts,
+        {"class_path": "datamodules.CaptionDataModule",
+         "init_args": {"train": [pairs_file], "image_root": str(files["train"].parent), "batch_size": 16,
+                       "num_workers": 0}}, plan.world_seed, []))
+    clip = build_clip({"pretrained": str(parts["clip"])})
+    evaluations: dict[str, dict[int, dict]] = {}
+    for head in plan.heads:
+        for seed in plan.seeds:
+            run = out / "runs" / f"{head}-seed{seed}"
+            init = [str(stage1)] if stage1 else []
+            if plan.head_steps:
+                pretrained = fit(run / "head", _fit_config(
+                    run / "head", "head", head, plan.head_steps, plan.head_learning_rate, parts,
+                    {"class_path": "datamodules.CaptionDataModule",
+                     "init_args": {"train": [pairs_file], "image_root": str(files["train"].parent),
+                                   "task": "generate", "batch_size": 16, "num_workers": 0, "seed": seed}},
+                    seed, init))
+                init.append(str(pretrained))
+            checkpoint = fit(run / "stage2", _fit_config(
+                run / "stage2", "instruction", head, plan.stage2_steps, plan.stage2_learning_rate, parts,
+                {"class_path": "datamodules.ConversationDataModule",
+                 "init_args": {"train": [{"path": str(out / "filter" / "conversations.jsonl"),
+                                          "image_root": str(files["train"].parent)}],
+                               "batch_size": plan.batch_size, "num_workers": 0, "seed": seed}}, seed, init))
+            evaluations.setdefault(head, {})[seed] = evaluate_run(checkpoint, files, run / "eval", plan, clip)
+            export_world_mim(checkpoint, out / "mim" / f"{head}-seed{seed}")
+    report = write_report(out, plan, summarise(evaluations),
+                          {"filter": filtered, "seconds": time.perf_counter() - start})
+    print(f"world report: {report}")
+    return report
+
+
+def world(plan: WorldPlan) -> int:
+    """Run the world experiment: world, parts, match filter, stage 1, heads x seeds, evaluation, report.
+    Resumable: rerun the same command after an interruption; a step whose result is on disk is skipped.
+
+    ``mim world --config configs/world/experiment.yaml`` (its ``plan:`` holds :class:`WorldPlan`'s fields);
+    any field is a flag too, e.g. ``--plan.seeds '[0]'`` or ``--plan.out_dir runs/world-b``.
+
+    Args:
+        plan: the experiment's sizes, budgets, heads and seeds.
+    """
+    run_world(plan)
+    return 0

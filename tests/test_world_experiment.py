@@ -1,0 +1,101 @@
+"""The world experiment's parts that need no training: the swapped "which" questions, the match threshold's
+calibration, conditioning-space retrieval, the seed intervals, and the plan's checks."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mim.experiments.world import WorldPlan, caption_retrieval, interval, summarise
+from synth.world.dialogues import ORDINALS, swapped_which, write_conversations
+from synth.world.parts import calibrate_threshold
+from synth.world.scenes import read_scenes, write_world
+
+
+def test_swapping_the_pictures_of_a_which_question_moves_its_answer(tmp_path) -> None:
+    scenes = read_scenes(write_world(tmp_path, 120, 3, "train", 0.0, 32))
+    path = write_conversations(scenes, tmp_path / "c.jsonl", 120, 3)
+    which = 0
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        swapped = swapped_which(record)
+        for key, new in zip(record["meta"]["answers"], swapped["meta"]["answers"]):
+            before, after = record["conversation"][key["turn"] - 1], swapped["conversation"][key["turn"] - 1]
+            if key["type"] != "which":
+                assert new == key and after == before
+                continue
+            which += 1
+            assert after["image_list"] == before["image_list"][::-1]
+            # the picture the answer names is the same picture, now at the mirrored place
+            assert after["image_list"][ORDINALS.index(new["answer"])] == \
+                before["image_list"][ORDINALS.index(key["answer"])]
+            assert swapped["conversation"][key["turn"]]["content"] == f"The {new['answer']} one."
+    assert which > 10
+
+
+def test_the_calibrated_threshold_separates_the_two_score_groups() -> None:
+    scores = np.array([90.0, 85, 80, 20, 10, -5, 70])
+    mismatched = np.array([False, False, False, True, True, True, True])
+    result = calibrate_threshold(scores, mismatched)
+    assert result["threshold"] == 80.0
+    assert result["matched_kept"] == 1.0 and result["mismatched_rejected"] == 1.0
+    with pytest.raises(ValueError, match="both"):
+        calibrate_threshold(scores, np.zeros(7, bool))
+
+
+class _Text:
+    """A text encoder stand-in: one-hot over known captions (retrieval's arithmetic, checked by hand)."""
+
+    def __init__(self, library):
+        self.library = library
+
+    def __call__(self, texts, **_):
+        return {"texts": texts}
+
+    def get_text_features(self, texts):
+        import torch
+
+        rows = torch.zeros(len(texts), len(self.library))
+        for i, text in enumerate(texts):
+            for j, caption in enumerate(self.library):
+                rows[i, j] = len(set(text.split()) & set(caption.split()))
+        return SimpleNamespace(pooler_output=rows)
+
+
+def test_caption_retrieval_ranks_the_requested_caption() -> None:
+    library = ["a red square", "a blue circle", "a green triangle"]
+    text = _Text(library)
+    clip = SimpleNamespace(processor=SimpleNamespace(tokenizer=text), model=text)
+    case = lambda answer: SimpleNamespace(answer={"type": "draw", "answer": answer})  # noqa: E731
+    pairs = [(case("a red square"), {"descriptions": ["a red square"]}),
+             (case("a blue circle"), {"descriptions": ["a green triangle"]}),
+             (case("a green triangle"), {"descriptions": []}),  # drew nothing: counted, not retrieved
+             (SimpleNamespace(answer={"type": "colour"}), {"descriptions": []})]
+    result = caption_retrieval(pairs, library, clip)
+    assert result["r_at_1"] == 0.5 and result["r_at_5"] == 1.0
+    assert result["drawn"] == 2 and result["draw_turns"] == 3 and result["exact_caption"] == 0.5
+
+
+def test_interval_is_the_t_interval_and_summarise_keeps_chance() -> None:
+    cell = interval([0.5, 0.7, 0.6])
+    assert cell["mean"] == pytest.approx(0.6)
+    assert cell["half_width"] == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-5)
+    assert interval([0.4])["half_width"] == 0.0
+    run = lambda a: {"test": {"answers": {"colour": {"accuracy": a, "chance": 1 / 6, "turns": 9}},  # noqa: E731
+                              "drawing": {"f1": None}, "retrieval": None}}
+    summary = summarise({"language": {0: run(0.5), 1: run(0.7)}})
+    assert summary["language"]["test/colour"]["mean"] == pytest.approx(0.6)
+    assert summary["language"]["test/colour"]["chance"] == pytest.approx(1 / 6)
+    assert "test/draw_f1" not in summary["language"]
+
+
+def test_the_plan_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match="MSE heads"):
+        WorldPlan(heads=["prompt_tokens"])
+    with pytest.raises(ValueError, match="splits"):
+        WorldPlan(splits=["val"])
+    with pytest.raises(ValueError, match="seed"):
+        WorldPlan(seeds=[])
