@@ -27,6 +27,22 @@ WEIGHTS_FILE = "trained.safetensors"
 LLM_DIR = "llm"  # a merged LLM (mim export --merge_lora true): a plain transformers checkpoint
 
 
+_MODEL_CLASS: list[type] = []
+
+
+def register_model_class(cls: type) -> type:
+    """Called once by :mod:`mim.modeling.mim_model` for :class:`MIM`: the loaders here build that class
+    without importing its module, so ``MIM.from_pretrained`` can use them (no import circle)."""
+    _MODEL_CLASS[:] = [cls]
+    return cls
+
+
+def model_class() -> type:
+    if not _MODEL_CLASS:  # importing the package ``mim`` imports mim_model, which registers MIM
+        raise RuntimeError("MIM is not registered: import mim (or mim.modeling.mim_model) first")
+    return _MODEL_CLASS[0]
+
+
 def source_record(value: Any) -> dict | None:
     """A model source (``tiny``, a hub id or path, a mapping) as mim.json records it."""
     from dataclasses import asdict
@@ -112,8 +128,7 @@ def load_directory(directory: str | os.PathLike[str], quantization: str | None =
     may not ask for remote code unless ``trust_remote_code`` (the caller's decision, never the file's)."""
     from safetensors.torch import load_file
 
-    from mim.modeling.mim_model import MIM
-
+    MIM = model_class()
     config = read_config(directory)
     if not isinstance(config.get("model"), dict):
         raise ValueError(f"{Path(directory) / CONFIG_FILE}: no 'model' settings; not a MIM directory")
@@ -151,7 +166,8 @@ def load_model(path: str | os.PathLike[str], quantization: str | None = None, tr
     import torch
 
     from mim.modeling.checkpoint_files import UnsafeCheckpointError, is_remote_path
-    from mim.modeling.mim_model import MIM
+
+    MIM = model_class()
 
     if is_remote_path(path):
         raise UnsafeCheckpointError(f"{path}: remote models are not loaded; download it and pass the local path")
@@ -208,7 +224,8 @@ def convert(released: str, out: str, llm: dict | str = "meta-llama/Llama-2-7b-ch
         released_tokens: the tokens appended to Llama-2's vocabulary, in order.
     """
     from heads import LanguageDescriptionHead
-    from mim.modeling.mim_model import MIM
+
+    MIM = model_class()
 
     model = MIM(head=LanguageDescriptionHead(), llm=llm, blip2=blip2, stage="instruction")
     convert_released(read_released(released), model, tuple(released_tokens or RELEASED_TOKENS))

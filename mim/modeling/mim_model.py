@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from datamodules import IMAGE_TOKEN, ModelInterface
+from mim.modeling import directory as mim_directory
 from heads import GenerationHead
 from synth.model_parts import DEFAULT_BLIP2, DEFAULT_LLM, ModelSource, build_blip2, build_llm
 from synth.model_parts.blip2 import blip2_config, blip2_image_processor
@@ -484,19 +485,17 @@ class MIM(L.LightningModule):
         """A MIM from a directory (``mim export``, :meth:`save_pretrained`, a downloaded Hub repository), a
         Lightning ``.ckpt`` or a sharded checkpoint folder; ``overrides`` replace saved settings (e.g. ``llm``).
         Nothing in the files chooses code: see :func:`mim.modeling.directory.load_model`."""
-        from mim.modeling.directory import load_model
-
-        return load_model(path, quantization, trust_remote_code, **overrides)
+        return mim_directory.load_model(path, quantization, trust_remote_code, **overrides)
 
     def save_pretrained(self, directory: str | os.PathLike[str], sdxl: ModelSource | str | dict | None = None,
                         refiner: ModelSource | str | dict | None = None, training: dict[str, Any] | None = None,
                         evaluation: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
         """Write the MIM directory (mim.json, trained.safetensors) and its model card (README.md, with the
         ``training`` and ``evaluation`` figures given); :meth:`from_pretrained` reads it back."""
-        from mim.modeling.directory import save_directory, source_record
         from mim.modeling.sharing import write_model_card
 
-        out = save_directory(self, directory, source_record(sdxl), source_record(refiner))
+        out = mim_directory.save_directory(self, directory, mim_directory.source_record(sdxl),
+                                           mim_directory.source_record(refiner))
         write_model_card(out, training, evaluation, repo_id)
         return out
 
@@ -616,3 +615,6 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+mim_directory.register_model_class(MIM)

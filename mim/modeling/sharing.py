@@ -42,9 +42,10 @@ def _table(values: dict[str, Any]) -> list[str]:
 def model_card(directory: str | os.PathLike[str], training: dict[str, Any] | None = None,
                evaluation: dict[str, Any] | None = None, repo_id: str | None = None) -> str:
     """The card's text for the MIM directory ``directory`` (which must hold ``mim.json``)."""
-    from mim.modeling.directory import read_config
-
-    config = read_config(directory)
+    path = Path(directory) / "mim.json"  # read here, not through mim.modeling.directory, which imports this
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a MIM directory: no mim.json")
+    config = json.loads(path.read_text())
     model = config["model"]
     head = model.get("head", {}).get("class_path", "?")
     bases = [b for b in (_hub_id(model.get("llm")), _hub_id(model.get("blip2"))) if b]
