@@ -201,7 +201,26 @@ def build_parser():
     command.add_argument("--limit", type=int, default=None, help="label at most this many now")
     command.add_argument("--all", action="store_true", help="include generations the filter rejected")
     command.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    command = commands.add_parser("batch", help="generate through batch files: OpenAI's Batch API (half price) "
+                                  "or vLLM's run_batch")
+    command.add_argument("action", choices=["export", "import"], help="export the pending requests, or import "
+                         "a results file")
+    command.add_argument("file", type=Path, help="the requests file to write (export) or the results to read")
+    command.add_argument("--config", type=Path, required=True, help="run config YAML")
+    command.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return parser
+
+
+def run_batch(action: str, file: Path, config_path: Path, overrides: list[str]) -> int:
+    from synth.config import load_config
+    from synth.generation.batch_files import export_batch, import_batch
+
+    config = load_config(config_path, overrides)
+    try:
+        return export_batch(config, file) if action == "export" else import_batch(config, file)
+    except (FileExistsError, FileNotFoundError) as error:
+        print(f"synth batch {action}: {error}", file=sys.stderr)
+        return 2
 
 
 def run_annotate(config_path: Path, overrides: list[str], limit: int | None, include_rejected: bool) -> int:
@@ -283,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     if args.command == "annotate":
         sys.exit(run_annotate(args.config, args.overrides, args.limit, args.all))
+    if args.command == "batch":
+        sys.exit(run_batch(args.action, args.file, args.config, args.overrides))
     sys.exit(run_stages(args.command, args.config, args.overrides, args.force, getattr(args, "until", None)))
 
 
