@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from synth.data.schema import (IMAGE_PLACEHOLDER, LLAVA_ROLES, Conversation, SchemaError, Turn, _image_dir,
-                               _record_id, _string_list, validate)
+from synth.data.schema import (IMAGE_PLACEHOLDER, LLAVA_ROLES, Conversation, SchemaError, Turn, _image_dir, _meta,
+                               _record_id, _string_list, validate, with_record_fields)
 
 _SHAREGPT_FROM = {role: name for name, role in LLAVA_ROLES.items()}
 _DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp|gif);base64,(.*)", re.DOTALL)
@@ -60,13 +60,7 @@ def to_openai(conversation: Conversation) -> dict[str, Any]:
             message["caption_list"] = list(turn.caption_list)
         message.update(turn.extra)
         messages.append(message)
-    record: dict[str, Any] = {"id": conversation.id, "messages": messages}
-    if conversation.image_dir is not None:
-        record["image_dir"] = conversation.image_dir
-    if conversation.meta:
-        record["meta"] = dict(conversation.meta)
-    record.update(conversation.extra)
-    return record
+    return with_record_fields({"id": conversation.id, "messages": messages}, conversation)
 
 
 def _image_url(part: dict[str, Any], where: str) -> str:
@@ -122,7 +116,7 @@ def from_openai(record: object, default_id: str, inline_images: bool = False) ->
                           extra={k: v for k, v in raw.items() if k not in ("role", "content", "caption_list")}))
     conversation = Conversation(
         id=_record_id(record, default_id), turns=turns, image_dir=_image_dir(record),
-        meta=dict(record.get("meta") or {}) if isinstance(record.get("meta") or {}, dict) else {},
+        meta=_meta(record, "meta"),
         extra={k: v for k, v in record.items() if k not in ("id", "messages", "image_dir", "meta")})
     if any(url.startswith("data:") for turn in turns for url in turn.image_list):
         if not inline_images:
@@ -189,13 +183,8 @@ def to_sharegpt(conversation: Conversation) -> dict[str, Any]:
             entry["caption_list"] = list(turn.caption_list)
         entry.update(turn.extra)
         turns.append(entry)
-    record: dict[str, Any] = {"id": conversation.id, "conversations": turns, "images": list(conversation.images)}
-    if conversation.image_dir is not None:
-        record["image_dir"] = conversation.image_dir
-    if conversation.meta:
-        record["meta"] = dict(conversation.meta)
-    record.update(conversation.extra)
-    return record
+    return with_record_fields({"id": conversation.id, "conversations": turns, "images": list(conversation.images)},
+                              conversation)
 
 
 def from_sharegpt(record: object, default_id: str) -> Conversation:
@@ -224,7 +213,7 @@ def from_sharegpt(record: object, default_id: str) -> Conversation:
                                                   f"but {len(images)} image(s) in 'images'")
     conversation = Conversation(
         id=_record_id(record, default_id), turns=turns, image_dir=_image_dir(record),
-        meta=dict(record.get("meta") or {}) if isinstance(record.get("meta") or {}, dict) else {},
+        meta=_meta(record, "meta"),
         extra={k: v for k, v in record.items() if k not in ("id", "conversations", "images", "image_dir", "meta")})
     validate(conversation)
     return conversation

@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,6 +183,9 @@ def iter_conversations(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     path = Path(path)
     report = report if report is not None else ReadReport()
+    parsers = {**RECORD_PARSERS, **SOURCE_PARSERS}
+    if inline_images:  # OpenAI records keep their data: URL images for convert-dataset to write out
+        parsers["openai"] = partial(from_openai, inline_images=True)
     seen: dict[str, int] = {}  # record id -> line, within this file
     records = 0
     for index, (line, raw) in enumerate(_raw_records(path)):
@@ -194,10 +198,8 @@ def iter_conversations(
             id_field = SOURCE_ID_FIELDS.get(format, "id")
             if isinstance(raw, dict) and isinstance(raw.get(id_field), (str, int)):
                 record_id = str(raw[id_field])
-            parse = RECORD_PARSERS[detect_format(raw)] if format == "auto" else \
-                {**RECORD_PARSERS, **SOURCE_PARSERS}[format]
-            conversation = parse(raw, default_id, inline_images=True) if inline_images and parse is from_openai \
-                else parse(raw, default_id)
+            parse = parsers[detect_format(raw)] if format == "auto" else parsers[format]
+            conversation = parse(raw, default_id)
             if conversation.id in seen:
                 raise SchemaError("duplicate_id", f"id {conversation.id!r} was already used by the record at line "
                                                   f"{seen[conversation.id]}; ids must be unique within a file")

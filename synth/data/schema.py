@@ -349,6 +349,12 @@ def to_textbind(conversation: Conversation) -> dict[str, Any]:
          "caption_list": list(turn.caption_list), **turn.extra}
         for turn in conversation.turns
     ]}
+    return with_record_fields(record, conversation)
+
+
+def with_record_fields(record: dict[str, Any], conversation: Conversation) -> dict[str, Any]:
+    """``record`` (id and turns in some format) completed with the conversation's ``image_dir``, ``meta`` and
+    other fields: what every writer adds the same way, so each format round-trips them."""
     if conversation.image_dir is not None:
         record["image_dir"] = conversation.image_dir
     if conversation.meta:
