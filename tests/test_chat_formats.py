@@ -65,6 +65,8 @@ def test_files_in_each_format_are_detected_and_read_the_same(tmp_path: Path) -> 
     ({"messages": [{"role": "user"}]}, "missing_field"),
     ({"conversations": [{"from": "human", "value": "<image> <image>"}], "images": ["a.png"]}, "placeholder_mismatch"),
     ({"conversations": [{"from": "robot", "value": "hi"}], "images": []}, "missing_field"),
+    ({"messages": [{"role": "user", "content": "hi"}], "meta": "not an object"}, "bad_type"),
+    ({"conversations": [{"from": "human", "value": "hi"}], "images": [], "meta": ["x"]}, "bad_type"),
 ])
 def test_bad_records_are_one_rejection_each(tmp_path: Path, record: dict, rule: str) -> None:
     path = tmp_path / "data.jsonl"
