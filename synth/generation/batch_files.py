@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from synth.generation.generate import _Appender, group_prompt, pending_groups, read_done
+from synth.generation.generate import _Appender, generation_record, group_prompt, pending_groups, read_done
 from synth.generation.prompt import SeedExample
 
 BATCH_URL = "/v1/chat/completions"
@@ -127,12 +127,10 @@ def import_batch_results(path: str | os.PathLike[str], groups: Sequence[dict[str
                     usage.get("completion_tokens") or 0)
                 group = by_id[custom_id]
                 _, examples, _ = group_prompt(group, seeds, num_examples, seed)
-                generations.write({"group_id": custom_id, "cluster": group.get("cluster"), "pairs": group["pairs"],
-                                   "examples": [example.id for example in examples], "model": body.get("model"),
-                                   "output": body["choices"][0]["message"]["content"], "attempts": 1,
-                                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-                                   "batch": {"id": line.get("id"),
-                                             "request_id": (line.get("response") or {}).get("request_id")}})
+                generations.write(generation_record(
+                    group, examples, body.get("model"), body["choices"][0]["message"]["content"], 1, prompt_tokens,
+                    completion_tokens, batch={"id": line.get("id"),
+                                              "request_id": (line.get("response") or {}).get("request_id")}))
                 report["generated"] += 1
                 report["prompt_tokens"] += prompt_tokens
                 report["completion_tokens"] += completion_tokens

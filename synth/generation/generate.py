@@ -170,6 +170,15 @@ def group_prompt(group: dict[str, Any], seeds: Sequence[SeedExample], num_exampl
     return render_prompt([pair["caption"] for pair in group["pairs"]], examples), examples, rng
 
 
+def generation_record(group: dict[str, Any], examples: Sequence[SeedExample], model: str | None, output: str,
+                      attempts: int, prompt_tokens: int, completion_tokens: int, **extra: Any) -> dict[str, Any]:
+    """One line of ``generations.jsonl``, as the filter stage reads it (a live run and a batch import alike)."""
+    return {"group_id": group["group_id"], "cluster": group.get("cluster"), "pairs": group["pairs"],
+            "examples": [example.id for example in examples], "model": model, "output": output,
+            "attempts": attempts, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+            **extra}
+
+
 def pending_groups(groups: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The groups ``generations.jsonl`` does not hold yet."""
     done = read_done(Path(out_dir) / "generations.jsonl")
@@ -265,11 +274,8 @@ async def generate_groups(
                 state["consecutive_failures"] = 0
                 tally.prompt_tokens += completion.prompt_tokens
                 tally.completion_tokens += completion.completion_tokens
-                generations.write({"group_id": group_id, "cluster": group.get("cluster"), "pairs": group["pairs"],
-                                   "examples": [example.id for example in examples], "model": completion.model,
-                                   "output": completion.text, "attempts": attempt,
-                                   "usage": {"prompt_tokens": completion.prompt_tokens,
-                                             "completion_tokens": completion.completion_tokens}})
+                generations.write(generation_record(group, examples, completion.model, completion.text, attempt,
+                                                    completion.prompt_tokens, completion.completion_tokens))
                 break
         progress.update()
         show()
