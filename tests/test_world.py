@@ -118,6 +118,23 @@ def test_answer_metrics_score_the_reference_perfectly_and_a_constant_at_its_rate
     assert constant["count"]["accuracy"] < 1.0
 
 
+def test_evaluate_cases_adds_the_callers_metrics_from_the_answered_pairs(world, tmp_path: Path) -> None:
+    from mim.evaluation.held_out import evaluate_cases
+
+    path, _ = world
+    cases, _ = replay_cases([str(path)], max_cases=12)
+    seen = []
+
+    def answered(pairs):
+        seen.extend(pairs)
+        return len(pairs)
+
+    report = evaluate_cases(cases, ReferenceResponder(), tmp_path / "eval", metrics={"answered_turns": answered})
+    assert report["answered_turns"] == 12 and [case.key for case, _ in seen] == [case.key for case in cases]
+    assert all(answer["error"] is None for _, answer in seen)
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["answered_turns"] == 12
+
+
 def test_chosen_answer_takes_the_first_choice_named() -> None:
     assert chosen_answer("It is blue, not red.", ["red", "blue"]) == "blue"
     assert chosen_answer("The second one.", ["first", "second"]) == "second"

@@ -545,8 +545,11 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
 def evaluate_cases(cases: list[Case], responder: Responder, out_dir: str | Path, clip=None, samples: int = 1,
                    seed: int = 0, batch_size: int = 8, inception_weights: str | None = None,
                    notes: Sequence[str] = (), benchmarks: dict[str, Any] | None = None,
-                   settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Answer (resumably) and score ``cases``; write eval.json, eval.md and the plots; return the report."""
+                   settings: dict[str, Any] | None = None,
+                   metrics: dict[str, Callable[[list[tuple[Case, dict]]], Any]] | None = None) -> dict[str, Any]:
+    """Answer (resumably) and score ``cases``; write eval.json, eval.md and the plots; return the report.
+    ``metrics``: more figures, each computed from the (case, answer) pairs that were answered, kept in the
+    report (and eval.json) under its name."""
     out_dir = Path(out_dir)
     store = AnswerStore(out_dir)
     answered = answer_cases(cases, responder, store, samples, seed, batch_size)
@@ -561,6 +564,7 @@ def evaluate_cases(cases: list[Case], responder: Responder, out_dir: str | Path,
         "images": image_metrics(pairs, out_dir, clip, inception_weights) if clip is not None else None,
         "benchmarks": benchmarks or {},
         "seconds_per_turn": sum(a["seconds"] for _, a in pairs) / max(1, len(pairs)),
+        **{name: metric(pairs) for name, metric in (metrics or {}).items()},
     }
     report["notes"].append("Fréchet distance is over CLIP image features, not Inception-FID"
                            + (" (inception_fid: torchmetrics' FID with the given InceptionV3 weights)"

@@ -105,18 +105,21 @@ def build_parts(plan: WorldPlan, files: dict[str, Path]) -> dict[str, Path]:
     """The world LLM, CLIP and vision tower (cached in ``out_dir/parts``)."""
     from synth.model_parts.text_tokenizers import tiny_llama_tokenizer
     from synth.world.dialogues import write_conversations
-    from synth.world.parts import pretrain_clip, pretrain_language_model, pretrain_vision_tower, world_texts
+    from synth.world.parts import (is_trained, pretrain_clip, pretrain_language_model, pretrain_vision_tower,
+                                   world_texts)
     from synth.world.scenes import read_scenes
 
     parts = Path(plan.out_dir) / "parts"
     train = [s for s in read_scenes(files["train"]).values() if not s.mismatched]
     calibration = list(read_scenes(files["calibration"]).values())
-    # the LLM reads the world's text: captions, and dialogues about training pictures (their own draw)
-    text_file = write_conversations({s.id: s for s in train}, parts / "llm_dialogues.jsonl", plan.conversations,
-                                    plan.world_seed + 7, prefix="text")
-    dialogues = [json.loads(line) for line in text_file.read_text().splitlines() if line.strip()]
-    llm = pretrain_language_model(parts / "llm", world_texts(train, dialogues, tiny_llama_tokenizer()),
-                                  plan.llm_steps, seed=plan.world_seed)
+    llm = parts / "llm"
+    if not is_trained(llm):  # the corpus is built only when the LLM is to be trained
+        # the LLM reads the world's text: captions, and dialogues about training pictures (their own draw)
+        text_file = write_conversations({s.id: s for s in train}, parts / "llm_dialogues.jsonl",
+                                        plan.conversations, plan.world_seed + 7, prefix="text")
+        dialogues = [json.loads(line) for line in text_file.read_text().splitlines() if line.strip()]
+        pretrain_language_model(llm, world_texts(train, dialogues, tiny_llama_tokenizer()), plan.llm_steps,
+                                seed=plan.world_seed)
     clip = pretrain_clip(parts / "clip", train, files["train"].parent, calibration, files["calibration"].parent,
                          plan.clip_steps, seed=plan.world_seed)
     blip2 = pretrain_vision_tower(parts / "blip2", clip, train, files["train"].parent, plan.tower_steps,
@@ -243,18 +246,15 @@ def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: Worl
     results: dict[str, Any] = {}
     for name in plan.splits:
         cases, _ = replay_cases([str(files[name])], max_cases=plan.max_cases)
+        # the split's own captions are the library a drawn caption must find its request in
+        captions = [s.caption for s in read_scenes(files[name].parent / "scenes.jsonl").values()]
         for blank in ((False, True) if name != "swapped" else (False,)):
             label = f"{name}{'_blank' if blank else ''}"
+            metrics = {} if blank else {"retrieval": lambda pairs: caption_retrieval(pairs, captions, clip)}
             report = evaluate_cases(cases, ModelResponder(model, sdxl, settings=settings, blank_images=blank),
-                                    out / label)
-            from mim.evaluation.held_out import AnswerStore
-
-            store = AnswerStore(out / label)
-            pairs = [(c, store.records[(c.key, 0)]) for c in cases if (c.key, 0) in store.records]
-            captions = [s.caption for s in read_scenes(files[name if name != "swapped" else "test"].parent
-                                                       / "scenes.jsonl").values()]
+                                    out / label, metrics=metrics)
             results[label] = {"answers": report["answers"], "drawing": report["drawing"],
-                              "retrieval": caption_retrieval(pairs, captions, clip) if not blank else None}
+                              "retrieval": report.get("retrieval")}
     return _write(out / "evaluation.json", results)
 
 

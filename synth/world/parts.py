@@ -41,8 +41,9 @@ WORLD_PATCH = 8
 MARKER = "trained.json"
 
 
-def _done(folder: Path) -> bool:
-    return (folder / MARKER).is_file()
+def is_trained(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds a finished part (its ``trained.json`` is written last)."""
+    return (Path(folder) / MARKER).is_file()
 
 
 def _mark(folder: Path, record: dict[str, Any]) -> None:
@@ -89,7 +90,7 @@ def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], s
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
-    if _done(out):
+    if is_trained(out):
         return out
     torch.manual_seed(seed)
     tokenizer = tiny_llama_tokenizer()
@@ -182,7 +183,7 @@ def pretrain_clip(out_dir: str | os.PathLike[str], scenes: list[Scene], image_fo
     from transformers import CLIPModel
 
     out = Path(out_dir)
-    if _done(out):
+    if is_trained(out):
         return out
     torch.manual_seed(seed)
     matched = [scene for scene in scenes if not scene.mismatched]
@@ -267,7 +268,7 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
     from transformers import Blip2QFormerModel, Blip2VisionModel
 
     out = Path(out_dir)
-    if _done(out):
+    if is_trained(out):
         return out
     torch.manual_seed(seed)
     matched = [scene for scene in scenes if not scene.mismatched]
