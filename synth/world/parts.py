@@ -103,23 +103,15 @@ def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], s
         raise ValueError(f"{len(stream)} tokens of world text make {len(data)} blocks of {block}; "
                          f"need at least {batch_size}")
     model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = _schedule(optimizer, steps, max(1, steps // 20))
     generator = torch.Generator().manual_seed(seed)
-    start, losses = time.perf_counter(), []
+    start = time.perf_counter()
     model.train()
-    with _progress(steps, "world LLM") as bar:
-        for _ in range(steps):
-            batch = data[torch.randint(len(data), (batch_size,), generator=generator)]
-            loss = model(input_ids=batch, labels=batch).loss
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+
+    def step_loss() -> torch.Tensor:
+        batch = data[torch.randint(len(data), (batch_size,), generator=generator)]
+        return model(input_ids=batch, labels=batch).loss
+
+    losses = _optimise(list(model.parameters()), steps, learning_rate, "world LLM", step_loss)
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -131,15 +123,16 @@ def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], s
 # --- contrastive training, shared by the CLIP and the vision tower --------------------------------------
 
 
-def _contrastive(steps: int, batch_size: int, count: int, parameters: list, description: str,
-                 step_loss: Callable[[np.ndarray], torch.Tensor], learning_rate: float, seed: int) -> list[float]:
+def _optimise(parameters: list, steps: int, learning_rate: float, description: str,
+              step_loss: Callable[[], torch.Tensor]) -> list[float]:
+    """AdamW (weight decay 0.01), warm-up then cosine, gradients clipped at 1, a progress bar: every part's
+    training loop; ``step_loss`` draws its own batch. Returns the losses."""
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     schedule = _schedule(optimizer, steps, max(1, steps // 20))
-    rng = np.random.default_rng(seed)
     losses = []
     with _progress(steps, description) as bar:
         for _ in range(steps):
-            loss = step_loss(rng.choice(count, size=min(batch_size, count), replace=False))
+            loss = step_loss()
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -149,6 +142,14 @@ def _contrastive(steps: int, batch_size: int, count: int, parameters: list, desc
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     return losses
+
+
+def _contrastive(steps: int, batch_size: int, count: int, parameters: list, description: str,
+                 step_loss: Callable[[np.ndarray], torch.Tensor], learning_rate: float, seed: int) -> list[float]:
+    """:func:`_optimise` over batches of distinct pairs (in-batch negatives must be other pairs)."""
+    rng = np.random.default_rng(seed)
+    return _optimise(parameters, steps, learning_rate, description,
+                     lambda: step_loss(rng.choice(count, size=min(batch_size, count), replace=False)))
 
 
 def _symmetric_infonce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
