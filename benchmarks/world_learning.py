@@ -17,34 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-FIT = """
-seed_everything: {seed}
-trainer:
-  accelerator: cpu
-  devices: 1
-  max_steps: {steps}
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {out}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {out}/checkpoints, save_last: true, enable_version_counter: false}}
-model:
-  stage: instruction
-  head: {{class_path: heads.LanguageDescriptionHead}}
-  llm: {{preset: tiny}}
-  blip2: {{preset: tiny}}
-  learning_rate: {lr}
-  warmup_ratio: 0.1
-data:
-  class_path: datamodules.ConversationDataModule
-  init_args:
-    train: [{{path: "{train}"}}]
-    batch_size: 8
-    num_workers: 0
-"""
-
 
 def build(root: Path, scenes: int, conversations: int, seed: int) -> dict[str, Path]:
     from synth.world.dialogues import write_conversations
@@ -87,14 +59,14 @@ def main() -> None:
     root = args.out or Path(tempfile.mkdtemp(prefix="world-"))
     start = time.perf_counter()
     files = build(root, args.scenes, args.conversations, args.seed)
-    config = root / "fit.yaml"
-    config.write_text(FIT.format(seed=args.seed, steps=args.steps, out=root / "run", lr=args.lr, train=files["train"]))
-    from mim.cli import main as mim_main
+    from mim.experiments.world import fit, fit_config
 
-    if not (root / "run" / "checkpoints" / "last.ckpt").exists():
-        mim_main(["fit", "--config", str(config)])
+    data = {"class_path": "datamodules.ConversationDataModule",
+            "init_args": {"train": [{"path": str(files["train"])}], "batch_size": 8, "num_workers": 0}}
+    checkpoint = fit(root / "run", fit_config(root / "run", "instruction", "language", args.steps, args.lr,
+                                              {"llm": {"preset": "tiny"}, "blip2": {"preset": "tiny"}}, data,
+                                              args.seed, []))
     trained = time.perf_counter() - start
-    checkpoint = root / "run" / "checkpoints" / "last.ckpt"
     results = {}
     for name in ("test", "held_out"):
         for blank in (False, True):

@@ -160,8 +160,10 @@ def filter_pairs(plan: WorldPlan, files: dict[str, Path], clip: Path) -> dict[st
 # --- training --------------------------------------------------------------------------------------------
 
 
-def _fit_config(run: Path, stage: str, head: str, steps: int, learning_rate: float, parts: dict[str, Path],
-                data: dict[str, Any], seed: int, init_from: list[str]) -> dict[str, Any]:
+def fit_config(run: Path, stage: str, head: str, steps: int, learning_rate: float, models: dict[str, dict],
+               data: dict[str, Any], seed: int, init_from: list[str]) -> dict[str, Any]:
+    """A ``mim fit`` config for one run of the experiment: ``models`` are the ``llm`` and ``blip2`` sources
+    (the world's parts, or presets), checkpoints and CSV logs under ``run``."""
     return {
         "seed_everything": seed,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 20,
@@ -172,7 +174,7 @@ def _fit_config(run: Path, stage: str, head: str, steps: int, learning_rate: flo
                                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True,
                                                  "enable_version_counter": False}}]},
         "model": {"stage": stage, "head": {"class_path": HEADS[head]},
-                  "llm": {"pretrained": str(parts["llm"])}, "blip2": {"pretrained": str(parts["blip2"])},
+                  "llm": models["llm"], "blip2": models["blip2"],
                   "learning_rate": learning_rate, "warmup_ratio": 0.1, "init_from": init_from or None},
         "data": data,
     }
@@ -375,8 +377,9 @@ def run_world(plan: WorldPlan) -> Path:
     print(f"world: match filter kept {filtered['kept']} of {filtered['pairs']} pairs "
           f"(rejected {filtered['mismatched_rejected']:.1%} of the mismatched)", flush=True)
     pairs_file = str(out / "filter" / "pairs.jsonl")
-    stage1 = None if not plan.stage1_steps else fit(out / "stage1", _fit_config(
-        out / "stage1", "alignment", plan.heads[0], plan.stage1_steps, plan.stage1_learning_rate, parts,
+    models = {part: {"pretrained": str(parts[part])} for part in ("llm", "blip2")}
+    stage1 = None if not plan.stage1_steps else fit(out / "stage1", fit_config(
+        out / "stage1", "alignment", plan.heads[0], plan.stage1_steps, plan.stage1_learning_rate, models,
         {"class_path": "datamodules.CaptionDataModule",
          "init_args": {"train": [pairs_file], "image_root": str(files["train"].parent), "batch_size": 16,
                        "num_workers": 0}}, plan.world_seed, []))
@@ -387,15 +390,15 @@ def run_world(plan: WorldPlan) -> Path:
             run = out / "runs" / f"{head}-seed{seed}"
             init = [str(stage1)] if stage1 else []
             if plan.head_steps:
-                pretrained = fit(run / "head", _fit_config(
-                    run / "head", "head", head, plan.head_steps, plan.head_learning_rate, parts,
+                pretrained = fit(run / "head", fit_config(
+                    run / "head", "head", head, plan.head_steps, plan.head_learning_rate, models,
                     {"class_path": "datamodules.CaptionDataModule",
                      "init_args": {"train": [pairs_file], "image_root": str(files["train"].parent),
                                    "task": "generate", "batch_size": 16, "num_workers": 0, "seed": seed}},
                     seed, init))
                 init.append(str(pretrained))
-            checkpoint = fit(run / "stage2", _fit_config(
-                run / "stage2", "instruction", head, plan.stage2_steps, plan.stage2_learning_rate, parts,
+            checkpoint = fit(run / "stage2", fit_config(
+                run / "stage2", "instruction", head, plan.stage2_steps, plan.stage2_learning_rate, models,
                 {"class_path": "datamodules.ConversationDataModule",
                  "init_args": {"train": [{"path": str(out / "filter" / "conversations.jsonl"),
                                           "image_root": str(files["train"].parent)}],
