@@ -88,7 +88,7 @@ def run_serve(keep_whole: bool) -> dict:
     from PIL import Image  # noqa: F401 - loaded before the baseline
 
     from mim.inference.interleaved import GenerationResult, TextPart
-    from mim.serving.web_demo import ChatService
+    from mim.serving.chat_service import ChatService
 
     class KeepingChat:
         def __init__(self) -> None:

@@ -22,7 +22,7 @@ def _functions() -> dict:
     from mim.modeling.directory import convert
     from mim.evaluation.held_out import evaluate
     from mim.quickstart import quickstart
-    from mim.serving.web_demo import serve
+    from mim.serving.server import serve
     from mim.inference.terminal_chat import chat
 
     def export(ckpt: str, out: str, sdxl: dict | str | None = None, refiner: dict | str | None = None,

@@ -31,7 +31,7 @@ MOVED = {
     "mim.convert": "mim.modeling.directory", "mim.export": "mim.modeling.directory",
     "mim.generation": "mim.inference.interleaved", "mim.batched": "mim.inference.batched",
     "mim.batch_inference": "mim.inference.reply_files", "mim.chat": "mim.inference.chat",
-    "mim.terminal": "mim.inference.terminal_chat", "mim.serve": "mim.serving.web_demo",
+    "mim.terminal": "mim.inference.terminal_chat", "mim.serve": "mim.serving.server", "mim.serving.web_demo": "mim.serving.server",
     "mim.evaluate": "mim.evaluation.held_out", "mim.clip_metrics": "mim.evaluation.clip_metrics",
     "mim.benchmarks": "mim.evaluation.mme_mmbench", "mim.ablation": "mim.evaluation.head_ablation",
 }

@@ -270,15 +270,14 @@ class FakeChat:
 
 @pytest.fixture()
 def service_url():
-    from mim.serving.web_demo import ChatService, DemoServer, make_handler
+    from mim.serving.app import make_app
+    from mim.serving.chat_service import ChatService
+    from mim.serving.server import RunningServer
 
     service = ChatService(FakeChat, max_text_chars=50, max_images=2, max_request_bytes=200_000)
-    server = DemoServer(("127.0.0.1", 0), make_handler(service))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", service
-    server.shutdown()
-    server.server_close()
+    running = RunningServer.start(make_app(service))
+    yield f"http://127.0.0.1:{running.port}", service
+    running.stop()
 
 
 def post(url: str, payload, cookie: str | None = None, raw: bytes | None = None):

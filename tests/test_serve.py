@@ -6,9 +6,7 @@ import base64
 import io
 import json
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,10 @@ from mim import MIM, MIMChat
 from mim.modeling.directory import save_directory
 from mim.inference.interleaved import GenerationResult, GenerationSettings, TextPart
 from fixture_images import claimed_png
-from mim.serving.web_demo import ChatService, DemoServer, RequestError, make_handler
+from mim.serving.app import make_app
+from mim.serving.chat_service import ChatService
+from mim.serving.requests import RequestError
+from mim.serving.server import RunningServer
 
 TINY = {"preset": "tiny"}
 
@@ -48,25 +49,26 @@ def tiny_chat(tmp_path_factory):
 def server(tiny_chat):
     service = ChatService(tiny_chat, max_request_bytes=2_000_000, max_image_pixels=4_000_000, max_waiting=8,
                           max_sessions_per_client=64)
-    httpd = DemoServer(("127.0.0.1", 0), make_handler(service))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd.server_address[1], service
-    httpd.shutdown()
-    httpd.server_close()
+    running = RunningServer.start(make_app(service))
+    yield running.port, service
+    running.stop()
 
 
 def raw_request(port: int, head: str, body: bytes = b"", timeout: float = 60) -> tuple[int, dict]:
-    """Send bytes as they are (no client library fixing the headers); return status and JSON body."""
+    """Send bytes as they are (no client library fixing the headers); return status and JSON body
+    (``{"text": ...}`` for an answer that is not JSON: uvicorn's own, to framing it cannot parse)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
-        connection.sendall(head.encode() + b"\r\n\r\n" + body)
-        connection.shutdown(socket.SHUT_WR)
+        connection.sendall(head.encode() + b"\r\nConnection: close\r\n\r\n" + body)
         response = b""
         while chunk := connection.recv(65536):
             response += chunk
     assert response, "the server closed the connection without answering"
     status = int(response.split(b" ", 2)[1])
-    return status, json.loads(response.split(b"\r\n\r\n", 1)[1])
+    body = response.split(b"\r\n\r\n", 1)[1]
+    try:
+        return status, json.loads(body)
+    except json.JSONDecodeError:
+        return status, {"text": body.decode(errors="replace")}
 
 
 def chat_request(port: int, payload, headers: str = "", raw: bytes | None = None) -> tuple[int, dict]:
@@ -103,10 +105,7 @@ def test_every_bad_chat_request_gets_a_message(server, case: str, expected_statu
 
 
 @pytest.mark.parametrize("length_header, status, message", [
-    ("Content-Length: abc", 400, "non-negative whole number, got 'abc'"),
-    ("Content-Length: -1", 400, "non-negative whole number, got '-1'"),
     ("", 411, "needs a Content-Length"),
-    ("Transfer-Encoding: chunked", 411, "chunked requests are not accepted"),
     ("Content-Length: 999999999", 413, "the limit is 1.91 MiB"),
 ])
 def test_bad_lengths_are_refused_before_reading(server, length_header: str, status: int, message: str) -> None:
@@ -114,6 +113,28 @@ def test_bad_lengths_are_refused_before_reading(server, length_header: str, stat
     head = "POST /api/chat HTTP/1.1\r\nHost: x" + (f"\r\n{length_header}" if length_header else "")
     got, body = raw_request(port, head, b'{"text": "hi"}')
     assert got == status and message in body["error"], body
+
+
+@pytest.mark.parametrize("length_header", ["Content-Length: abc", "Content-Length: -1"])
+def test_a_malformed_length_is_refused_by_the_http_parser(server, length_header: str) -> None:
+    """Framing the HTTP parser cannot read never reaches the application: uvicorn answers 400 itself."""
+    port, _ = server
+    got, body = raw_request(port, f"POST /api/chat HTTP/1.1\r\nHost: x\r\n{length_header}", b'{"text": "hi"}')
+    assert got == 400 and body, body
+
+
+def chunked(body: bytes, size: int = 65536) -> bytes:
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_is_read_under_the_same_limit(server) -> None:
+    port, _ = server
+    head = "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
+    status, body = raw_request(port, head, chunked(json.dumps({"text": "hello"}).encode()))
+    assert status == 200 and body["parts"], body
+    status, body = raw_request(port, head, chunked(b'{"text": "' + b"x" * 2_100_000 + b'"}'))
+    assert status == 413 and "the limit is 1.91 MiB" in body["error"], body
 
 
 def test_a_burst_of_50_requests_is_answered_in_full(server) -> None:

@@ -14,8 +14,11 @@ import pytest
 from PIL import Image
 
 from mim.inference.interleaved import GenerationResult, TextPart
-from mim.serving import web_demo
-from mim.serving.web_demo import ChatService, DemoServer, RequestError, make_handler
+from mim.serving import requests as serving_requests
+from mim.serving.app import make_app
+from mim.serving.chat_service import ChatService
+from mim.serving.requests import RequestError
+from mim.serving.server import RunningServer
 
 
 def data_url(size: tuple[int, int]) -> str:
@@ -44,9 +47,9 @@ def test_uploads_are_kept_at_the_vision_towers_scale() -> None:
 
 def test_an_overloaded_server_refuses_before_decoding(monkeypatch) -> None:
     decoded = []
-    monkeypatch.setattr(web_demo, "decode_image", lambda *args: decoded.append(args) or Image.new("RGB", (4, 4)))
+    monkeypatch.setattr(serving_requests, "decode_image", lambda *args: decoded.append(args) or Image.new("RGB", (4, 4)))
     service = ChatService(KeepingChat, max_waiting=0)
-    service.waiting.acquire()  # the one slot is taken by a reply in progress
+    service.queue.places.acquire()  # the one slot is taken by a reply in progress
     with pytest.raises(RequestError) as refused:
         service.reply(None, "a", {"text": "hi", "images": [data_url((64, 64))] * 4})
     assert refused.value.status == 503 and decoded == []
@@ -67,11 +70,9 @@ def test_what_all_conversations_hold_is_bounded() -> None:
 @pytest.fixture()
 def server():
     service = ChatService(KeepingChat, max_request_bytes=1_000_000)
-    httpd = DemoServer(("127.0.0.1", 0), make_handler(service, read_timeout=1.0, body_seconds=2.0))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+    running = RunningServer.start(make_app(service, idle_seconds=1.0, body_seconds=2.0))
+    yield running.port
+    running.stop()
 
 
 def read_response(connection: socket.socket) -> tuple[int, dict]:

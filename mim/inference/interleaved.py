@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class ImagePart:
     image: Any  # PIL.Image
     caption: str | None  # the language head's description; None for embedding conditions
     condition: str  # "prompt" or "embeddings"
+    tokens: int = 0  # tokens written for it after the trigger (a caption, or the head's forced tokens)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class GenerationSettings:
         image_size: SDXL output height and width (1024 for SDXL base).
         logit_bias: token id -> value added to its logit (as in OpenAI's API), e.g. to
             encourage or forbid images.
+        stop: strings that end the reply where they first appear in a run of text (the string itself is
+            not kept), as OpenAI's ``stop``; checked within the text since the last image.
     """
 
     max_new_tokens: int = 256
@@ -72,6 +76,12 @@ class GenerationSettings:
     guidance_scale: float = 5.0  # diffusers' SDXL default, which the released demo uses
     image_size: int = 1024
     logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+
+
+#: What :meth:`InterleavedGenerator.generate` tells a listener as the reply grows: ("text", new characters)
+#: or ("image", the ImagePart just drawn). A listener that raises stops the generation (a client that left).
+Listener = Callable[[str, Any], None]
 
 
 def trigger_bias(head, bias: float) -> dict[int, float]:
@@ -83,6 +93,8 @@ def trigger_bias(head, bias: float) -> dict[int, float]:
 class GenerationResult:
     parts: list[TextPart | ImagePart] = field(default_factory=list)
     conditions: list[SDXLCondition] = field(default_factory=list)
+    finish_reason: str = "stop"  # "length" when max_new_tokens ran out, as OpenAI's field
+    completion_tokens: int = 0  # tokens the model chose or was forced to write (captions and image runs included)
 
     @property
     def text(self) -> str:
@@ -158,6 +170,45 @@ class _Context:
 
     def all_hidden(self) -> torch.Tensor:
         return torch.cat(self.hidden)
+
+
+class _TextSegment:
+    """The text since the last image, token by token: decoded whole each time (so a tokenizer's spaces come
+    out as in one decode), cut at the first ``stop`` string, and passed to a listener as it becomes final."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], listener: Listener | None) -> None:
+        self.tokenizer, self.stop, self.listener = tokenizer, tuple(s for s in stop if s), listener
+        self.hold = max((len(s) for s in self.stop), default=1) - 1  # characters a stop string could still claim
+        self.ids: list[int] = []
+        self.text = ""
+        self.told = 0  # characters of ``text`` the listener has heard
+        self.cut = False
+
+    def add(self, token: int) -> bool:
+        """Take a token; True when the text now holds a stop string (it is cut there)."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cuts = [self.text.find(s) for s in self.stop if s in self.text]
+        if cuts:
+            self.text = self.text[:min(cuts)]
+            self.cut = True
+            return True
+        if self.listener is not None and not self.text.endswith("\ufffd"):  # no half a character
+            self._tell(len(self.text) - self.hold)
+        return False
+
+    def _tell(self, upto: int) -> None:
+        if self.listener is not None and upto > self.told:
+            self.listener("text", self.text[self.told:upto])
+            self.told = upto
+
+    def close(self, parts: list) -> None:
+        """The segment ends (an image, or the reply): what is left goes out, and into ``parts``."""
+        if self.ids:
+            self._tell(len(self.text))
+            if self.text or not self.cut:  # as batched generation: every run of tokens is a part
+                parts.append(TextPart(self.text))
+        self.ids, self.text, self.told, self.cut = [], "", 0, False
 
 
 class InterleavedGenerator:
@@ -296,7 +347,9 @@ class InterleavedGenerator:
             context.rewind(before)  # later tokens see the image, not the caption
         image = self.draw(condition, settings, settings.seed + index)
         context.feed(self._image_embeds(image))
-        return ImagePart(image, caption, "prompt" if condition.prompt is not None else "embeddings"), condition
+        written = len(forced) if forced else len(caption_ids) - 1
+        return ImagePart(image, caption, "prompt" if condition.prompt is not None else "embeddings",
+                         written), condition
 
     def _start(self, messages: list[dict[str, Any]], assistant_prefix: str) -> _Context:
         context = _Context(self.model)
@@ -308,15 +361,19 @@ class InterleavedGenerator:
 
     @torch.no_grad()
     def generate(self, messages: list[dict[str, Any]], settings: GenerationSettings | None = None,
-                 assistant_prefix: str = "") -> GenerationResult:
+                 assistant_prefix: str = "", listener: Listener | None = None) -> GenerationResult:
         """The assistant's reply to ``messages`` (which end with a user turn), optionally
-        continuing an assistant message that starts with ``assistant_prefix``."""
+        continuing an assistant message that starts with ``assistant_prefix``.
+
+        ``listener`` hears the reply as it grows (``Listener``): text a token at a time, held back only
+        while it could still turn out to be the start of a ``stop`` string or half a UTF-8 character.
+        """
         settings = settings or GenerationSettings()
         tokenizer, head = self.model.tokenizer, self.model.head
         generator = torch.Generator().manual_seed(settings.seed)
         context = self._start(messages, assistant_prefix)
-        result = GenerationResult()
-        text_ids: list[int] = []
+        result = GenerationResult(finish_reason="length")
+        segment = _TextSegment(tokenizer, settings.stop, listener)
         trigger = head.token_ids.get(head.trigger) if head.trigger else None
         never = [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)] + [
             i for t, i in head.token_ids.items() if t != head.trigger]
@@ -325,20 +382,24 @@ class InterleavedGenerator:
             if trigger is not None and len(result.images) >= settings.max_images:
                 banned.append(trigger)
             token = self._next_token(context.last_logits, settings, generator, banned)
+            result.completion_tokens += 1
             if token == tokenizer.eos_token_id:
+                result.finish_reason = "stop"
                 break
             if token != trigger:
-                text_ids.append(token)
+                if segment.add(token):  # a stop string: the reply ends before it
+                    result.finish_reason = "stop"
+                    break
                 context.feed(self._token_embeds([token]))
                 continue
-            if text_ids:
-                result.parts.append(TextPart(tokenizer.decode(text_ids, skip_special_tokens=True)))
-                text_ids = []
+            segment.close(result.parts)
             part, condition = self._image_from_trigger(context, token, settings, generator, len(result.images))
+            result.completion_tokens += part.tokens
             result.parts.append(part)
             result.conditions.append(condition)
-        if text_ids:
-            result.parts.append(TextPart(tokenizer.decode(text_ids, skip_special_tokens=True)))
+            if listener is not None:
+                listener("image", part)
+        segment.close(result.parts)
         return result
 
     @torch.no_grad()

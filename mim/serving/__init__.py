@@ -1,2 +1,2 @@
-"""`mim serve`: the web demo.
+"""`mim serve`: the web demo and the OpenAI-compatible API (Starlette on uvicorn).
 """
