@@ -48,6 +48,21 @@ def _split(command_line: str) -> list[list[str]]:
     return [words for words in commands if words]
 
 
+def _shell_lines(block: str) -> list[str]:
+    """The block's command lines, a quoted string that spans lines (a JSON body for curl) kept in its line."""
+    lines, pending = [], ""
+    for line in block.splitlines():
+        pending = f"{pending}\n{line}" if pending else line
+        try:
+            _split(_strip_comment(pending))
+        except ValueError:  # "No closing quotation": the string goes on in the next line
+            continue
+        lines.append(pending)
+        pending = ""
+    assert not pending, f"a quote is never closed in: {pending!r}"
+    return lines
+
+
 def documented_commands() -> list[tuple[str, list[str]]]:
     found = []
     for document in DOCUMENTS:
@@ -55,7 +70,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
         where = document.relative_to(REPO)
         for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.S):
             joined = re.sub(r"\\\n", " ", block)
-            for line in joined.splitlines():
+            for line in _shell_lines(joined):
                 found += [(f"{where}: {line.strip()}", words) for words in _split(_strip_comment(line))]
         prose = re.sub(r"```.*?```", "", text, flags=re.S)
         for span in re.findall(r"`([^`]+)`", prose):
