@@ -47,11 +47,13 @@ class _Server(ThreadingHTTPServer):
 
 
 class ChatServer:
-    """``plan(n, body)`` picks the behaviour of request number n (from 0)."""
+    """``plan(n, body)`` picks the behaviour of request number n (from 0); ``reply(n, body)`` the text of an answer."""
 
     def __init__(self, plan: Callable[[int, dict], str] | None = None, slow_seconds: float = 0.2,
-                 hang_seconds: float = 2.0):
+                 hang_seconds: float = 2.0, reply: Callable[[int, dict], str] | None = None):
         self.plan = plan or (lambda n, body: "ok")
+        # the message content of an "ok" answer; default: a TextBind dialogue over the prompt's images
+        self.reply = reply or (lambda n, body: dialogue_for(body["messages"][-1]["content"]))
         self.slow_seconds, self.hang_seconds = slow_seconds, hang_seconds
         self.requests: list[dict] = []
         self.headers: list[dict] = []
@@ -104,8 +106,9 @@ class ChatServer:
                     time.sleep(server.hang_seconds)
                 if mode == "slow":
                     time.sleep(server.slow_seconds)
-                prompt = body["messages"][-1]["content"]
-                text = dialogue_for(prompt)
+                content = body["messages"][-1]["content"]
+                prompt = content if isinstance(content, str) else json.dumps(content)
+                text = server.reply(number, body)
                 self._json(200, {
                     "id": f"chatcmpl-{number}", "object": "chat.completion", "created": int(time.time()),
                     "model": body.get("model", "test"),

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from heads import LanguageDescriptionHead
-from mim.evaluation.held_out import AnswerStore, Case, ReferenceResponder, answer_cases
+from mim.evaluation.cases import Case
+from mim.evaluation.held_out import AnswerStore, ReferenceResponder, answer_cases
 from mim.inference.reply_files import FAILURES_FILE, generate
 from mim.modeling.directory import save_directory
 from mim.modeling.mim_model import MIM

@@ -175,3 +175,21 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     from PIL import Image
 
     assert Image.open(tmp_path / "out" / "sdxl_sample.png").size == (64, 64)
+
+
+def test_every_data_file_in_the_packages_ships_in_the_wheel() -> None:
+    """A prompt or sample the code reads at run time must match a package-data glob, or an installed (non-editable)
+    copy fails where this checkout works."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    missing = []
+    for package in ORDER:
+        for path in sorted((REPO / package).rglob("*")):
+            if path.is_dir() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+                continue
+            relative = path.relative_to(REPO / package).as_posix()
+            if not any(fnmatch.fnmatch(relative, pattern) for pattern in globs.get(package, [])):
+                missing.append(f"{package}/{relative}")
+    assert not missing, f"add to [tool.setuptools.package-data]: {missing}"

@@ -328,7 +328,7 @@ def test_mim_generate_answers_every_conversation_once_as_one_by_one_and_resumes(
     # each row is what the one-row generator writes for it (greedy, the same seed)
     from dataclasses import replace
 
-    from mim.evaluation.held_out import load_message_images
+    from mim.evaluation.cases import load_message_images
 
     by_id = {line["id"]: line for line in lines}
     for record_id, messages in prompts[:3]:

@@ -1,3 +1,3 @@
-"""Scoring MIM: held-out conversations (`mim evaluate`), CLIP image metrics, the MME and MMBench runners,
-and the head ablation.
+"""Scoring MIM: held-out conversations (`mim evaluate`), CLIP image metrics, the MME and MMBench runners, the
+interleaved-generation benchmarks (OpenING, ISG-Bench) with an OpenAI-compatible judge, and the head ablation.
 """

@@ -30,29 +30,15 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
 
+from mim.evaluation.cases import Case, RecordError, admit, generate_isolated
 from mim.inference.interleaved import GenerationResult, GenerationSettings, ImagePart, TextPart
 from synth.data.schema import IMAGE_PLACEHOLDER, SchemaError
-
-
-@dataclass
-class Case:
-    """One assistant turn to replay: the reference history before it, and the reference turn."""
-
-    key: str  # file/record/turn: unique, stable across runs
-    record_id: str
-    turn: int
-    messages: list[dict[str, Any]]  # {"role", "content", "images": [paths]}, ending with a user turn
-    reference_text: str
-    reference_images: list[str] = field(default_factory=list)
-    reference_captions: list[str] = field(default_factory=list)
-    answer: dict[str, Any] | None = None  # the record's answer key for this turn (meta.answers), if any
 
 
 def safe_stem(text: str, limit: int = 80) -> str:
@@ -102,46 +88,6 @@ def read_message_lists(paths: Sequence[str], image_root: str | None = None, form
     return read, problems
 
 
-class RecordError(ValueError):
-    """One record that cannot be answered; it costs only itself."""
-
-
-def admit(messages: list[dict[str, Any]], generator, settings: GenerationSettings) -> list[dict[str, Any]]:
-    """The messages with their images decoded, once they are known to fit: the prompt, the reply and the
-    images it may draw must fit the LLM's context (checked from the text and the image count, before
-    any image is decoded), and every image must decode. Raises :class:`RecordError` saying which rule."""
-    context = generator.context_length()
-    images = sum(len(m.get("images", [])) for m in messages)
-    characters = sum(len(m.get("content", "")) for m in messages)
-    reserve = settings.max_new_tokens + settings.max_images * generator.model.num_query_tokens
-    if context:
-        if images * generator.model.num_query_tokens + reserve > context:
-            raise RecordError(f"too_many_images: {images} images take {images * generator.model.num_query_tokens:,} "
-                              f"positions; with the reply's {reserve:,} that is over the model's {context:,}")
-        if characters > 32 * context:  # no tokenizer makes tokens of 32 characters: too long without counting
-            raise RecordError(f"prompt_too_long: {characters:,} characters cannot fit the model's {context:,} "
-                              "positions")
-        length = generator.prompt_length(messages)
-        if length + reserve > context:
-            raise RecordError(f"prompt_too_long: the prompt takes {length:,} positions; with the reply's {reserve:,} "
-                              f"that is over the model's {context:,}")
-    try:
-        return load_message_images(messages)
-    except OSError as error:  # missing, unreadable, truncated or bomb image (ImageDecodeError)
-        raise RecordError(f"bad_image: {error}") from None
-
-
-def generate_isolated(generate: Callable[[list, list], list], conversations: list, settings: list
-                      ) -> list[Any | RecordError]:
-    """``generate`` on the batch; if the batch fails, each row alone, so one bad row fails only itself."""
-    try:
-        return list(generate(conversations, settings))
-    except (ValueError, OSError, RuntimeError, IndexError) as error:
-        if len(conversations) == 1:
-            return [RecordError(f"generation_failed: {type(error).__name__}: {error}")]
-    return [generate_isolated(generate, [c], [s])[0] for c, s in zip(conversations, settings)]
-
-
 def replay_cases(paths: Sequence[str], image_root: str | None = None, format: str = "auto",
                  max_cases: int | None = None) -> tuple[list[Case], list[str]]:
     """Every assistant turn that follows a user turn, with its reference history; and the problems met."""
@@ -161,13 +107,6 @@ class Responder(Protocol):
     """Answers cases; the model behind ``mim evaluate``, or a stand-in."""
 
     def respond(self, cases: list[Case], seeds: list[int]) -> list[GenerationResult]: ...
-
-
-def load_message_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from synth.data.images import decode_image_file
-
-    return [{**m, "images": [decode_image_file(p) if isinstance(p, (str, Path)) else p for p in m["images"]]}
-            for m in messages]
 
 
 class ModelResponder:
@@ -582,12 +521,18 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
              mme: str | None = None,
              mmbench: str | None = None, benchmark_max_new_tokens: int = 16,
              inception_weights: str | None = None, trust_remote_code: bool = False,
-             blank_images: bool = False) -> int:
+             blank_images: bool = False, opening: str | None = None, opening_opponents: dict[str, str] | None = None,
+             opening_battles: int = 1, isg: str | None = None, isg_root: str | None = None,
+             isg_dependencies: str = "released", model_name: str = "MIM", benchmark_max_items: int | None = None,
+             judge_model: str | None = None, judge_base_url: str | None = None,
+             judge_api_key_env: str = "OPENAI_API_KEY", judge_prompts: str | None = None,
+             judge_json_mode: bool = False) -> int:
     """Score a MIM (a directory from ``mim export``/``mim convert``, or a .ckpt) on held-out conversations.
 
     Args:
         model: MIM directory or Lightning checkpoint.
-        data: a conversation file, or a list of them (``'[a.jsonl,b.json]'``; any schema format) to replay, turn by turn, with the reference history.
+        data: a conversation file, or a list of them (``'[a.jsonl,b.json]'``; any schema format) to replay, turn by
+            turn, with the reference history; ``'[]'`` for none, to run only the benchmarks.
         out_dir: where answers, images and the report (eval.json, eval.md, *.png) go; a rerun resumes.
         image_root: where the files' image paths resolve (default: each file's folder).
         format: the files' format (auto: TextBind or LLaVA).
@@ -616,6 +561,24 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
             asks for ``trust_remote_code``); refused without it. Only for models you trust.
         blank_images: the language-prior control: every user picture replaced by a grey one (answers with
             an answer key should then fall to chance if the model answers from the pictures).
+        opening: OpenING's data file (``OpenING-benchmark/test_data.jsonl``, images beside it): answered into
+            ``OUT/opening/gen_outputs/MODEL_output`` and, with a judge, judged pairwise against the human
+            reference (win rates the four ways OpenING reports them).
+        opening_opponents: other models' OpenING answer folders to battle too (``'{NAME: DIR}'``, e.g. the
+            folders under OpenING's ``gen_outputs``).
+        opening_battles: judged pairs per OpenING instance.
+        isg: ISG-Bench's ``ISG-Bench.jsonl``: answered into ``OUT/isg/answers.jsonl`` (ISG-eval.py's input
+            layout); the structure level is scored without a judge, block, image and holistic with one.
+        isg_root: where ISG-Bench's image paths resolve (default: the file's folder).
+        isg_dependencies: ``released`` asks image questions as ISG-eval.py does (none with prerequisites),
+            comparable with published figures; ``dsg`` asks those whose prerequisites were answered yes.
+        model_name: the model's name in the benchmarks' files (``MODEL_output``).
+        benchmark_max_items: answer only the first this many items of each interleaved benchmark.
+        judge_model: the judge's model name at an OpenAI-compatible endpoint (gpt-4o, or a local vLLM model).
+        judge_base_url: the judge's endpoint (default OpenAI's).
+        judge_api_key_env: the environment variable holding the judge's key (read from nowhere else).
+        judge_prompts: a folder whose ``opening_pairwise.txt`` / ``isg_*.txt`` replace ours (the official wording).
+        judge_json_mode: ask the judge for JSON with ``response_format`` (ISG's scorer does; not every server can).
     """
     from mim.evaluation.mme_mmbench import load_mmbench, load_mme, score_mmbench, score_mme, write_mme_results
     from mim.inference.chat import MIMChat
@@ -623,9 +586,36 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
     from synth.model_parts import build_clip
 
     data = [data] if isinstance(data, str) else list(data)
+    if not (data or mme or mmbench or opening or isg):
+        print("mim evaluate: nothing to score: give conversation files (DATA), or DATA '[]' with --mme, --mmbench, "
+              "--opening or --isg", file=sys.stderr)
+        return 2
     if Path(out_dir).exists() and not Path(out_dir).is_dir():  # before minutes of model loading
         print(f"mim evaluate: out_dir {out_dir} is a file, not a folder; choose another", file=sys.stderr)
         return 2
+    for name, path in (("opening", opening), ("isg", isg)):
+        if path is not None and not Path(path).is_file():
+            print(f"mim evaluate: --{name} {path} is not a file (the benchmark's data file)", file=sys.stderr)
+            return 2
+    judge = None
+    try:
+        if opening:
+            from mim.evaluation.interleaved.opening import check_model_name
+
+            check_model_name(model_name)
+        if isg_dependencies not in ("released", "dsg"):
+            raise ValueError(f"--isg_dependencies must be 'released' or 'dsg', got {isg_dependencies!r}")
+    except ValueError as error:
+        print(f"mim evaluate: {error}", file=sys.stderr)
+        return 2
+    if judge_model is not None:
+        from mim.evaluation.interleaved.judge import Judge
+
+        try:
+            judge = Judge(judge_model, judge_base_url, judge_api_key_env, json_mode=judge_json_mode)
+        except ValueError as error:
+            print(f"mim evaluate: {error}", file=sys.stderr)
+            return 2
     loaded = MIMChat.from_pretrained(model, sdxl=sdxl, refiner=refiner, device=device, dtype=dtype,
                                      trust_remote_code=trust_remote_code)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, max_images=max_images, image_size=image_size,
@@ -654,6 +644,19 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
         answers = answer_benchmark(items, benchmark_generate(responder, benchmark_max_new_tokens),
                                    out / "benchmarks" / "mmbench_answers.jsonl", batch_size)
         benchmarks["MMBench"] = score_mmbench(items, answers)
+    if opening or isg:
+        from mim.evaluation.interleaved.runner import run_isg, run_opening
+
+        benchmark_dir = out / "benchmarks"
+        if opening:
+            prompt_file = Path(judge_prompts) / "opening_pairwise.txt" if judge_prompts else None
+            benchmarks["OpenING"] = run_opening(
+                opening, responder, benchmark_dir, judge, model_name, opening_opponents, opening_battles,
+                prompt_file.read_text(encoding="utf-8") if prompt_file and prompt_file.is_file() else None,
+                benchmark_max_items, batch_size, seed)
+        if isg:
+            benchmarks["ISG-Bench"] = run_isg(isg, responder, benchmark_dir, judge, isg_root, judge_prompts,
+                                              isg_dependencies, benchmark_max_items, batch_size, seed)
     cases, problems = replay_cases(data, image_root, format, max_cases)
     if problems:
         notes.append(f"{len(problems)} record(s) could not be replayed; first: {problems[0]}")

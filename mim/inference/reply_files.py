@@ -51,7 +51,8 @@ def generate_replies(chat, prompts: list[tuple[str, list[dict[str, Any]]]], out_
     tries it again."""
     from tqdm import tqdm
 
-    from mim.evaluation.held_out import RecordError, admit, generate_isolated, safe_stem
+    from mim.evaluation.cases import RecordError, admit, generate_isolated
+    from mim.evaluation.held_out import safe_stem
     from mim.inference.batched import BatchedGenerator
     from mim.inference.interleaved import ImagePart
     from synth.generation.generate import read_done
