@@ -201,6 +201,11 @@ def build_parser():
     command.add_argument("--limit", type=int, default=None, help="label at most this many now")
     command.add_argument("--all", action="store_true", help="include generations the filter rejected")
     command.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    command = commands.add_parser("review", help="an LLM judge labels the kept conversations (Table 2's quality "
+                                  "and characteristics, section 4.4's errors); resumable, budgeted")
+    command.add_argument("--config", type=Path, required=True, help="run config YAML (its review section)")
+    command.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="config overrides, e.g. review.model=gpt-4o review.keep=[Excellent,Satisfactory]")
     command = commands.add_parser("batch", help="generate through batch files: OpenAI's Batch API (half price) "
                                   "or vLLM's run_batch")
     command.add_argument("action", choices=["export", "import"], help="export the pending requests, or import "
@@ -221,6 +226,22 @@ def run_batch(action: str, file: Path, config_path: Path, overrides: list[str]) 
     except (FileExistsError, FileNotFoundError) as error:
         print(f"synth batch {action}: {error}", file=sys.stderr)
         return 2
+
+
+def run_review_command(config_path: Path, overrides: list[str]) -> int:
+    from synth.config import load_config
+    from synth.generation.generate import GenerationAborted
+    from synth.pipeline import StageIncomplete, run_review
+
+    try:
+        run_review(load_config(config_path, overrides))
+    except StageIncomplete as error:
+        print(f"synth review: {error}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except (ValueError, RuntimeError, OSError, GenerationAborted) as error:
+        print(f"synth review: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_annotate(config_path: Path, overrides: list[str], limit: int | None, include_rejected: bool) -> int:
@@ -304,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_annotate(args.config, args.overrides, args.limit, args.all))
     if args.command == "batch":
         sys.exit(run_batch(args.action, args.file, args.config, args.overrides))
+    if args.command == "review":
+        sys.exit(run_review_command(args.config, args.overrides))
     sys.exit(run_stages(args.command, args.config, args.overrides, args.force, getattr(args, "until", None)))
 
 

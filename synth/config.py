@@ -55,17 +55,19 @@ class SampleConfig:
 
 
 @dataclass
-class GenerateConfig:
+class EndpointConfig:
+    """Where requests go and how patiently: shared by generate (the conversations) and review (the judge)."""
+
     # openai (any OpenAI-compatible endpoint), local (a causal LM in this process) or offline (rule-based composer)
     backend: str = "openai"
     model: str = "gpt-4"  # section 4.1
     base_url: str | None = None  # e.g. http://localhost:8000/v1 for vLLM; None: api.openai.com
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from files
     # backend local: the model as a source mapping ({pretrained: DIR, options: {gguf_file: F}, dtype: ...});
-    # None: generate.model as a hub id or directory
+    # None: the model as a hub id or directory
     local: Any = None
     device: str | None = None  # backend local: cuda or cpu (default: cuda when available)
-    batch_size: int = 8  # backend local: groups per forward (concurrency should be at least this)
+    batch_size: int = 8  # backend local: requests per forward (concurrency should be at least this)
     temperature: float = 1.0  # section 4.1
     top_p: float = 1.0  # section 4.1
     max_tokens: int = 2048
@@ -76,9 +78,7 @@ class GenerateConfig:
     backoff_seconds: float = 2.0
     max_backoff_seconds: float = 60.0
     timeout: float = 120.0  # seconds per request
-    max_consecutive_failures: int = 20  # this many failed groups in a row, none generated: the run stops
-    seed_set: str | None = None  # JSONL of labelled examples; None: the bundled Appendix B seeds
-    num_examples: int = 3  # section 3.3: three in-context examples per prompt
+    max_consecutive_failures: int = 20  # this many failed requests in a row, none answered: the run stops
     seed: int = 0
     # USD per million tokens by model, over the built-in table (synth.generation.costs.DEFAULT_PRICES), e.g.
     # {my-model: {prompt: 0.2, completion: 0.2}}; a model with no price is reported in tokens only
@@ -87,6 +87,41 @@ class GenerateConfig:
     expected_completion_tokens: int = 1024  # for the estimate and the budget reservation
     max_cost: float | None = None  # USD this run may spend (needs a known price); a rerun continues
     max_tokens_total: int | None = None  # prompt + completion tokens this run may use; a rerun continues
+
+
+@dataclass
+class GenerateConfig(EndpointConfig):
+    seed_set: str | None = None  # JSONL of labelled examples; None: the bundled Appendix B seeds
+    num_examples: int = 3  # section 3.3: three in-context examples per prompt
+    # Structured generation, off by default (null: section 3.2's free text, then the filter). grammar: Appendix
+    # A's format as a GBNF grammar (llama.cpp's server, vLLM, the local backend); json_schema: the same as a strict
+    # JSON schema (OpenAI's structured outputs). See synth.generation.structured; the filter still runs.
+    structured: str | None = None
+    # how an OpenAI-compatible server takes the grammar: grammar (llama.cpp's server), structured_outputs
+    # (vLLM >= 0.10.2) or guided_grammar (older vLLM)
+    grammar_field: str = "grammar"
+    # messages in a constrained dialogue, [min, max]: Appendix A asks for fewer than 6, the released filter keeps
+    # 3 or more, and a dialogue ends with the Assistant: 4
+    structured_turns: list[int] = field(default_factory=lambda: [4, 5])
+    structured_text_chars: int = 240  # the longest run of text between images and turn boundaries
+
+
+@dataclass
+class ReviewConfig(EndpointConfig):
+    """``synth review``: an LLM judge labels each kept conversation as section 3.3's annotators do (Table 2's
+    quality and characteristics) and names section 4.4's errors. Not part of ``synth run``: it costs a request
+    per conversation, so it runs when asked."""
+
+    temperature: float = 0.0  # a judge: the same verdict on a rerun
+    max_tokens: int = 512
+    expected_completion_tokens: int = 200
+    rubric: str | None = None  # the judge's prompt file; None: the bundled synth/review/rubric.txt (copy, edit)
+    # the verdict under a strict JSON schema (response_format; llguidance in the local backend): small judges
+    # otherwise write no JSON at all
+    structured: bool = False
+    # quality labels whose conversations go to review/conversations.jsonl (e.g. [Excellent, Satisfactory]);
+    # empty: every reviewed conversation, with its verdict in meta
+    keep: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +149,7 @@ class SynthConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
 
     @property
     def work_path(self) -> Path:
@@ -138,4 +174,24 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise ValueError(f"{path}: {error}") from None
     if not config.ingest.sources:
         raise ValueError(f"{path}: ingest.sources is empty; name at least one folder, table or webdataset source")
+    from synth.generation.prompt import QUALITY_LABELS
+
+    unknown = sorted(set(config.review.keep) - set(QUALITY_LABELS))
+    if unknown:
+        raise ValueError(f"{path}: review.keep {unknown} are not quality labels; use some of {list(QUALITY_LABELS)}")
+    generate = config.generate
+    if generate.structured is not None:
+        from synth.generation.structured import GRAMMAR_FIELDS, KINDS, DialogueFormat
+
+        if generate.structured not in KINDS:
+            raise ValueError(f"{path}: generate.structured must be one of {KINDS} or null, got {generate.structured!r}")
+        if generate.grammar_field not in GRAMMAR_FIELDS:
+            raise ValueError(f"{path}: generate.grammar_field must be one of {GRAMMAR_FIELDS}, got "
+                             f"{generate.grammar_field!r}")
+        if len(generate.structured_turns) != 2:
+            raise ValueError(f"{path}: generate.structured_turns is [min, max], got {generate.structured_turns}")
+        try:  # the turn range and text length, checked once here rather than per group
+            DialogueFormat(("a",), *generate.structured_turns, generate.structured_text_chars)
+        except ValueError as error:
+            raise ValueError(f"{path}: generate.structured_*: {error}") from None
     return config

@@ -23,7 +23,7 @@ MOVED = {
     "synth.cluster": "synth.selection.cluster", "synth.sampling": "synth.selection.sampling",
     "synth.prompt": "synth.generation.prompt", "synth.generate": "synth.generation.generate",
     "synth.backends": "synth.generation.backends", "synth.local_backend": "synth.generation.local_backend",
-    "synth.dialogue_parser": "synth.generation.dialogue_parser", "synth.costs": "synth.generation.costs",
+    "synth.dialogue_parser": "synth.review.dialogue_parser", "synth.costs": "synth.generation.costs",
     "synth.filtering": "synth.review.filtering", "synth.annotate": "synth.review.annotate",
     "synth.stats": "synth.statistics.stats", "synth.plots": "synth.statistics.plots",
     "synth.loopback_server": "synth.testing", "synth.zoo": "synth.model_parts",
@@ -34,6 +34,8 @@ MOVED = {
     "mim.terminal": "mim.inference.terminal_chat", "mim.serve": "mim.serving.server", "mim.serving.web_demo": "mim.serving.server",
     "mim.evaluate": "mim.evaluation.held_out", "mim.clip_metrics": "mim.evaluation.clip_metrics",
     "mim.benchmarks": "mim.evaluation.mme_mmbench", "mim.ablation": "mim.evaluation.head_ablation",
+    # moved in 0.3: the parser belongs to the filter (section 3.2's post-processing), beside it
+    "synth.generation.dialogue_parser": "synth.review.dialogue_parser",
 }
 
 

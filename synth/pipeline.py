@@ -20,10 +20,11 @@ and everything after it. An unfinished stage resumes from what it wrote
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,10 @@ def fingerprint(config: SynthConfig, stage: str) -> dict[str, Any]:
         section = asdict(getattr(config, name))
         for key in _SPEED_ONLY.get(name, ()):
             section.pop(key, None)
+        if name == "generate" and section.get("structured") is None:
+            # free text: the structured settings change nothing, and runs made before they existed still match
+            for key in ("structured", "grammar_field", "structured_turns", "structured_text_chars"):
+                section.pop(key, None)
         sections[name] = section
     return json.loads(json.dumps(sections))
 
@@ -198,13 +203,21 @@ def run_sample(config: SynthConfig, log: Callable[[str], None] = print) -> dict[
     return summary
 
 
+def structured_constraint(section) -> Callable[[list[str]], Any] | None:
+    """``generate.structured`` as a function of a group's captions (None when off)."""
+    from synth.generation.structured import dialogue_constraint
+
+    if section.structured is None:
+        return None
+    low, high = section.structured_turns
+    return lambda captions: dialogue_constraint(section.structured, captions, low, high, section.structured_text_chars)
+
+
 def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     import asyncio
 
-    from synth.generation.backends import build_backend
-    from synth.generation.costs import TokenCounter, estimate, price_for, price_table
-    from synth.generation.generate import Budget, RetryPolicy, generate_groups, group_prompt, pending_groups, read_done, \
-        read_groups
+    from synth.generation.endpoint import estimate_record, forecast, open_endpoint, send
+    from synth.generation.generate import group_request, pending_groups, read_done, read_groups
     from synth.generation.prompt import SEED_SET_FILE, read_seed_set
 
     _require(config, "generate")
@@ -212,56 +225,23 @@ def run_generate(config: SynthConfig, log: Callable[[str], None] = print) -> dic
     groups = read_groups(stage_dir(config, "sample") / "groups.jsonl")
     out = stage_dir(config, "generate")
     seeds = read_seed_set(section.seed_set or SEED_SET_FILE)
-    offline = section.backend == "offline"
-    model = "offline" if offline else section.model
-    price = None if offline else price_for(section.model, price_table(section.prices))
-    if section.backend == "local":
-        from synth.model_parts import ModelSource
-
-        source = ModelSource.parse(section.local if section.local is not None else section.model)
-        settings = dict(source=source, temperature=section.temperature, top_p=section.top_p,
-                        max_tokens=section.max_tokens, batch_size=section.batch_size, device=section.device)
-    elif offline:
-        settings = {}
-    else:
-        settings = dict(model=section.model, base_url=section.base_url, api_key_env=section.api_key_env,
-                        temperature=section.temperature, top_p=section.top_p, max_tokens=section.max_tokens,
-                        timeout=section.timeout)
-    backend = build_backend(section.backend, **settings)
-    if section.backend == "local":  # priced only if the user's table names it: a local model is free by default
-        model = backend.model_name
-        price = price_for(model, price_table(section.prices))
-    counter = TokenCounter(backend.count_tokens, "counted with the local model's tokenizer") \
-        if section.backend == "local" else TokenCounter.for_model(model, section.tokenizer)
-    todo = pending_groups(groups, out)
-    prompts = [group_prompt(group, seeds, section.num_examples, section.seed)[0] for group in todo]
-    expected = min(section.max_tokens, section.expected_completion_tokens)
-    forecast = estimate(prompts, counter, expected, section.max_tokens, price)
-    if not offline:
-        log(f"[generate] before the run: {forecast.describe(model)}")
-    budget = Budget(section.max_cost, section.max_tokens_total, price)
-    start = time.perf_counter()
-    tally = asyncio.run(generate_groups(
-        groups, backend, out, seeds, section.concurrency, section.requests_per_minute, section.tokens_per_minute,
-        RetryPolicy(section.max_attempts, section.backoff_seconds, section.max_backoff_seconds), price,
-        section.num_examples, section.seed, expected_completion_tokens=expected, budget=budget,
-        max_consecutive_failures=section.max_consecutive_failures, count_tokens=counter.count))
+    endpoint = open_endpoint(section)
+    requests = [group_request(group, seeds, section.num_examples, section.seed, structured_constraint(section))
+                for group in pending_groups(groups, out)]
+    plan = forecast(endpoint, section, [request.prompt for request in requests])
+    if not endpoint.offline:
+        log(f"[generate] before the run: {plan.describe(endpoint.model)}")
+    tally, this_run = asyncio.run(send(endpoint, section, requests, out / "generations.jsonl",
+                                       out / "failures.jsonl", len(groups), "generate", "group"))
     generated = len(read_done(out / "generations.jsonl"))
     from synth.review.filtering import FilterRules, format_adherence
 
     adherence = format_adherence(out / "generations.jsonl", FilterRules(**asdict(config.filter))) \
         if (out / "generations.jsonl").exists() else {}
-    this_run = {"generated": tally.generated, "failed": tally.failed, "attempts": tally.attempts,
-                **({"batch_sizes": backend.batch_sizes} if hasattr(backend, "batch_sizes") else {}),
-                "already_done": tally.already_done, "errors": tally.errors, "prompt_tokens": tally.prompt_tokens,
-                "completion_tokens": tally.completion_tokens, "seconds": round(time.perf_counter() - start, 2)}
-    if price is not None:
-        this_run["cost_usd"] = round(price.cost(tally.prompt_tokens, tally.completion_tokens), 4)
+    price = endpoint.price
     summary = {"groups": len(groups), "generated": generated, "outstanding": len(groups) - generated,
-               "this_run": this_run, "backend": section.backend, "model": model, "format": adherence,
-               "estimate": {"requests": forecast.requests, "prompt_tokens": forecast.prompt_tokens,
-                            "completion_tokens": forecast.completion_tokens, "method": forecast.method,
-                            **({"cost_usd": round(forecast.cost, 4)} if forecast.cost is not None else {})},
+               "this_run": this_run, "backend": section.backend, "model": endpoint.model, "format": adherence,
+               "estimate": estimate_record(plan),
                "price_per_million_tokens": None if price is None else {"prompt": price.prompt,
                                                                         "completion": price.completion}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -313,10 +293,94 @@ def run_stats(config: SynthConfig, log: Callable[[str], None] = print) -> dict[s
                  f"({100 * counts['kept_share']:.1f}%); rejected: {reasons}\n")
     if filtered["reasons"]:
         plot_counts(filtered["reasons"], "Rejection reasons", "reason", out / "rejections.png")
+    reviews_path = config.work_path / "review" / "reviews.jsonl"
+    if reviews_path.exists():  # `synth review` ran: the judge's labels, as the paper's Figure 3 and Tables 4-5
+        from synth.review.judge import read_reviews, summarize_reviews, summary_table
+
+        report["review"] = summarize_reviews(conversations, read_reviews(reviews_path), _annotations(config))
+        text += "Review: " + summary_table(report["review"])
+        if report["review"]["judged"]:
+            plot_counts({k: v["count"] for k, v in report["review"]["quality"].items()}, "Quality (judge)",
+                        "label", out / "quality.png")
     atomic_write_text(out / "stats.json", json.dumps(report, indent=2))
     atomic_write_text(out / "table.txt", text)
     print(text, end="")
     return {"conversations": len(conversations), "plots": sorted(p.name for p in out.glob("*.png"))}
+
+
+def _annotations(config: SynthConfig) -> list[dict[str, Any]]:
+    """The labels people gave in ``synth annotate`` (none when it was not run)."""
+    path = config.work_path / "annotate" / "annotations.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [row for row in rows if isinstance(row, dict) and "id" in row and "quality" in row]
+
+
+def run_review(config: SynthConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``synth review``: the judge's verdicts on the filter's conversations (synth.review.judge); resumable."""
+    import asyncio
+
+    from synth.data.conversation_io import read_conversations, write_conversations
+    from synth.generation.endpoint import estimate_record, forecast, open_endpoint, send
+    from synth.review.filtering import IMAGE_DIR
+    from synth.review.judge import RUBRIC_FILE, read_reviews, review_requests, summarize_reviews, summary_table
+
+    section = config.review
+    kept = stage_dir(config, "filter") / "conversations.jsonl"
+    if not kept.exists():
+        raise RuntimeError(f"synth review judges the filter's conversations, and {kept} does not exist: run "
+                           "`synth filter` (or `synth run`) first")
+    if section.backend == "offline":
+        raise ValueError("review.backend: there is no offline judge; use openai (any OpenAI-compatible endpoint) "
+                         "or local")
+    rubric_path = Path(section.rubric) if section.rubric else RUBRIC_FILE
+    rubric = rubric_path.read_text(encoding="utf-8")
+    if "{dialogue}" not in rubric:
+        raise ValueError(f"review.rubric {rubric_path}: the rubric must contain {{dialogue}} (and may contain "
+                         "{images}) where the conversation goes")
+    conversations, _ = read_conversations(kept)
+    out = config.work_path / "review"
+    reviews = read_reviews(out / "reviews.jsonl")
+    pending = [c for c in conversations if not (reviews.get(c.id) or {}).get("verdict")]
+    requests = review_requests(pending, rubric, section.structured, section.seed)
+    endpoint = open_endpoint(section)
+    plan = forecast(endpoint, section, [request.prompt for request in requests])
+    log(f"[review] before the run: {plan.describe(endpoint.model, 'review')}")
+    tally, this_run = asyncio.run(send(endpoint, section, requests, out / "reviews.jsonl", out / "failures.jsonl",
+                                       len(conversations), "review", "conversation"))
+    reviews = read_reviews(out / "reviews.jsonl")
+    summary = {**summarize_reviews(conversations, reviews, _annotations(config)), "judge": endpoint.model,
+               "backend": section.backend, "rubric": str(rubric_path), "structured": section.structured,
+               "this_run": this_run, "estimate": estimate_record(plan)}
+    if section.keep:
+        chosen = [c for c in conversations if (reviews.get(c.id) or {}).get("verdict")
+                  and reviews[c.id]["verdict"]["quality"] in section.keep]
+        chosen = [replace(c, meta={**(c.meta or {}), "review": reviews[c.id]["verdict"]}) for c in chosen]
+        for name in sorted({name for c in chosen for name in c.images}):  # the images beside them, as the filter
+            target = out / IMAGE_DIR / name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = stage_dir(config, "filter") / IMAGE_DIR / name
+                try:
+                    os.link(source, target)
+                except OSError:  # another file system: a copy
+                    shutil.copyfile(source, target)
+        write_conversations(out / "conversations.jsonl", chosen)
+        summary["kept"] = {"labels": list(section.keep), "conversations": len(chosen)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "table.txt", summary_table(summary))
+    log(summary_table(summary).rstrip())
+    if tally.stopped == "budget":
+        raise StageIncomplete(f"review stopped: this run's budget is reached (max_cost={section.max_cost}, "
+                              f"max_tokens_total={section.max_tokens_total}); {summary['pending']} conversation(s) "
+                              "remain. Rerun `synth review` to continue; every verdict is kept.")
+    return summary
 
 
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {

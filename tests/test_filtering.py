@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from synth.review.annotate import annotate
 from synth.data.conversation_io import read_conversations
-from synth.generation.dialogue_parser import ParseRejection, description_distance, parse_dialogue
+from synth.review.dialogue_parser import ParseRejection, description_distance, parse_dialogue
 from synth.review.filtering import filter_generations
 from synth.generation.prompt import read_seed_set
 from synth.data.schema import Conversation, Turn

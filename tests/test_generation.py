@@ -193,7 +193,7 @@ def test_cut_last_line_is_repaired_on_rerun(tmp_path: Path) -> None:
 
 
 def test_offline_composer_output_passes_the_filter() -> None:
-    from synth.generation.dialogue_parser import parse_dialogue
+    from synth.review.dialogue_parser import parse_dialogue
 
     for size in (2, 3, 4):
         captions = [f"caption number {i}" for i in range(size)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from synth.generation.dialogue_parser import ParseRejection, parse_dialogue
+from synth.review.dialogue_parser import ParseRejection, parse_dialogue
 from synth.generation.generate import generate_groups, read_done
 from synth.generation.local_backend import LocalChatBackend
 from synth.generation.prompt import read_seed_set

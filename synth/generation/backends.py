@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from synth.generation.prompt import image_tag
 from synth.redact import Redactor
 from synth.generation.completions import FATAL_STATUSES, BackendError, ChatBackend, Completion
+from synth.generation.structured import GRAMMAR_FIELDS, Constraint, request_fields
 
 __all__ = ["FATAL_STATUSES", "BackendError", "ChatBackend", "Completion", "OpenAIChatBackend", "OfflineComposer",
            "build_backend"]
@@ -31,7 +32,7 @@ class OpenAIChatBackend:
 
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  temperature: float = 1.0, top_p: float = 1.0, max_tokens: int | None = 2048,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, grammar_field: str = "grammar"):
         from openai import AsyncOpenAI
 
         key = os.environ.get(api_key_env)
@@ -45,22 +46,30 @@ class OpenAIChatBackend:
         # max_retries=0: retries, backoff and rate limits belong to the generate stage
         self._client = AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
         self.model = model
+        if grammar_field not in GRAMMAR_FIELDS:
+            raise ValueError(f"generate.grammar_field must be one of {GRAMMAR_FIELDS}, got {grammar_field!r}")
+        self.grammar_field = grammar_field  # how the server takes a grammar (llama.cpp: grammar; vLLM: ...)
         self.sampling = {"temperature": temperature, "top_p": top_p}
         if max_tokens:
             self.sampling["max_tokens"] = max_tokens
 
-    async def complete(self, prompt: str, captions: Sequence[str], seed: int) -> Completion:
+    async def complete(self, prompt: str, captions: Sequence[str], seed: int,
+                       constraint: Constraint | None = None) -> Completion:
         try:
-            return await self._complete(prompt)
+            completion = await self._complete(prompt, request_fields(constraint, self.grammar_field))
         except BackendError as error:  # error bodies can echo the Authorization header
             raise BackendError(self.redact(str(error)), error.retryable, error.retry_after, error.fatal) from None
+        if constraint is not None:
+            completion.text = constraint.decode(completion.text)
+        return completion
 
-    async def _complete(self, prompt: str) -> Completion:
+    async def _complete(self, prompt: str, extra_body: dict) -> Completion:
         import openai
 
         try:
             response = await self._client.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": prompt}], **self.sampling)
+                model=self.model, messages=[{"role": "user", "content": prompt}], **self.sampling,
+                **({"extra_body": extra_body} if extra_body else {}))
         except openai.RateLimitError as error:
             raise BackendError(f"rate limited (429): {error.message}", True, _retry_after(error)) from None
         except openai.APITimeoutError:
@@ -85,7 +94,8 @@ class OpenAIChatBackend:
             raise BackendError("malformed reply: no message content", True)
         usage = getattr(response, "usage", None)
         return Completion(choices[0].message.content, getattr(usage, "prompt_tokens", 0) or 0,
-                          getattr(usage, "completion_tokens", 0) or 0, getattr(response, "model", self.model))
+                          getattr(usage, "completion_tokens", 0) or 0, getattr(response, "model", self.model),
+                          getattr(choices[0], "finish_reason", None) or "stop")
 
     async def close(self) -> None:
         await self._client.close()
@@ -140,7 +150,9 @@ class OfflineComposer:
                                                             "with something to think about."),
     )
 
-    async def complete(self, prompt: str, captions: Sequence[str], seed: int) -> Completion:
+    async def complete(self, prompt: str, captions: Sequence[str], seed: int,
+                       constraint: Constraint | None = None) -> Completion:
+        """The composer writes Appendix A's format by construction; a constraint changes nothing."""
         rng = random.Random(seed)
         tags = [image_tag(i, caption) for i, caption in enumerate(captions)]
         human, assistant = rng.choice(self._OPENERS)

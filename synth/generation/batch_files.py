@@ -20,10 +20,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from synth.generation.generate import _Appender, generation_record, group_prompt, pending_groups, read_done
 from synth.generation.prompt import SeedExample
+from synth.generation.structured import Constraint, request_fields
+
+ConstraintFor = Callable[[list[str]], Constraint | None] | None
 
 BATCH_URL = "/v1/chat/completions"
 #: OpenAI's Batch API charges half the synchronous price.
@@ -31,17 +34,26 @@ BATCH_DISCOUNT = 0.5
 
 
 def batch_requests(groups: Sequence[dict[str, Any]], seeds: Sequence[SeedExample], num_examples: int, seed: int,
-                   model: str, sampling: dict[str, Any]) -> Iterable[dict[str, Any]]:
-    """One Batch API request per group, with the prompt and examples ``synth generate`` would use."""
+                   model: str, sampling: dict[str, Any], constraint_for: ConstraintFor = None,
+                   grammar_field: str = "grammar") -> Iterable[dict[str, Any]]:
+    """One Batch API request per group, with the prompt and examples ``synth generate`` would use, and its
+    structured-generation constraint in the body when the run asks for one."""
     for group in groups:
         prompt, _, _ = group_prompt(group, seeds, num_examples, seed)
+        constraint = constraint_for(_captions(group)) if constraint_for is not None else None
         yield {"custom_id": group["group_id"], "method": "POST", "url": BATCH_URL,
-               "body": {"model": model, "messages": [{"role": "user", "content": prompt}], **sampling}}
+               "body": {"model": model, "messages": [{"role": "user", "content": prompt}], **sampling,
+                        **request_fields(constraint, grammar_field)}}
+
+
+def _captions(group: dict[str, Any]) -> list[str]:
+    return [pair["caption"] for pair in group["pairs"]]
 
 
 def write_batch_requests(path: str | os.PathLike[str], groups: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str],
                          seeds: Sequence[SeedExample], num_examples: int, seed: int, model: str,
-                         sampling: dict[str, Any]) -> int:
+                         sampling: dict[str, Any], constraint_for: ConstraintFor = None,
+                         grammar_field: str = "grammar") -> int:
     """Write the pending groups' requests to ``path`` (JSONL; never over an existing file); return the count."""
     from synth.atomic import atomic_write_text
 
@@ -50,7 +62,7 @@ def write_batch_requests(path: str | os.PathLike[str], groups: Sequence[dict[str
         raise FileExistsError(f"{path} exists; batch files are never overwritten (choose another --out)")
     todo = pending_groups(groups, out_dir)
     lines = [json.dumps(r, ensure_ascii=False) + "\n"
-             for r in batch_requests(todo, seeds, num_examples, seed, model, sampling)]
+             for r in batch_requests(todo, seeds, num_examples, seed, model, sampling, constraint_for, grammar_field)]
     atomic_write_text(path, "".join(lines))
     return len(lines)
 
@@ -80,8 +92,9 @@ def _completion(line: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None
 
 def import_batch_results(path: str | os.PathLike[str], groups: Sequence[dict[str, Any]],
                          out_dir: str | os.PathLike[str], seeds: Sequence[SeedExample], num_examples: int, seed: int,
-                         price=None) -> dict[str, Any]:
-    """Read a Batch API / vLLM ``run_batch`` results file into ``out_dir``'s generations and failures."""
+                         price=None, constraint_for: ConstraintFor = None) -> dict[str, Any]:
+    """Read a Batch API / vLLM ``run_batch`` results file into ``out_dir``'s generations and failures (replies
+    to constrained requests read back as the live run reads them: JSON into Appendix A's text)."""
     out_dir = Path(out_dir)
     by_id = {group["group_id"]: group for group in groups}
     done = read_done(out_dir / "generations.jsonl")
@@ -127,10 +140,14 @@ def import_batch_results(path: str | os.PathLike[str], groups: Sequence[dict[str
                     usage.get("completion_tokens") or 0)
                 group = by_id[custom_id]
                 _, examples, _ = group_prompt(group, seeds, num_examples, seed)
+                choice = body["choices"][0]
+                constraint = constraint_for(_captions(group)) if constraint_for is not None else None
+                text = choice["message"]["content"]
                 generations.write(generation_record(
-                    group, examples, body.get("model"), body["choices"][0]["message"]["content"], 1, prompt_tokens,
-                    completion_tokens, batch={"id": line.get("id"),
-                                              "request_id": (line.get("response") or {}).get("request_id")}))
+                    group, examples, body.get("model"), constraint.decode(text) if constraint else text, 1,
+                    prompt_tokens, completion_tokens, finish_reason=choice.get("finish_reason") or "stop",
+                    **({"structured": constraint.kind} if constraint else {}),
+                    batch={"id": line.get("id"), "request_id": (line.get("response") or {}).get("request_id")}))
                 report["generated"] += 1
                 report["prompt_tokens"] += prompt_tokens
                 report["completion_tokens"] += completion_tokens
@@ -155,10 +172,12 @@ def _setup(config):
 
 def export_batch(config, out: str | os.PathLike[str]) -> int:
     """``synth batch export``: the config's pending groups as a Batch API input file."""
+    from synth.pipeline import structured_constraint
+
     section, groups, out_dir, seeds = _setup(config)
     sampling = {"temperature": section.temperature, "top_p": section.top_p, "max_tokens": section.max_tokens}
     count = write_batch_requests(out, groups, out_dir, seeds, section.num_examples, section.seed, section.model,
-                                 sampling)
+                                 sampling, structured_constraint(section), section.grammar_field)
     print(f"batch export: {count} request(s) of {len(groups)} group(s) -> {out} (model {section.model}); upload it "
           "to the Batch API, or run it with vLLM's run_batch, then `synth batch import`")
     return 0
@@ -171,7 +190,10 @@ def import_batch(config, results: str | os.PathLike[str]) -> int:
 
     section, groups, out_dir, seeds = _setup(config)
     price = price_for(section.model, price_table(section.prices))
-    report = import_batch_results(results, groups, out_dir, seeds, section.num_examples, section.seed, price)
+    from synth.pipeline import structured_constraint
+
+    report = import_batch_results(results, groups, out_dir, seeds, section.num_examples, section.seed, price,
+                                  structured_constraint(section))
     atomic_write_text(out_dir / "batch_import.json", json.dumps(report, indent=2))
     for problem in report["problems"][:20]:
         print(problem)

@@ -14,6 +14,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     model: str
+    finish_reason: str = "stop"  # "length": the reply ran out of max_tokens (OpenAI's field)
 
 
 class BackendError(Exception):
@@ -34,8 +35,11 @@ FATAL_STATUSES = {401: "the endpoint refused the API key", 403: "the key may not
 
 
 class ChatBackend(Protocol):
+    """``constraint`` (a :class:`~synth.generation.structured.Constraint`) is passed only when the run asks for
+    structured generation; a backend that cannot honour one raises a non-retryable :class:`BackendError`."""
+
     name: str
 
-    async def complete(self, prompt: str, captions: Sequence[str], seed: int) -> Completion: ...
+    async def complete(self, prompt: str, captions: Sequence[str], seed: int, constraint=None) -> Completion: ...
 
     async def close(self) -> None: ...

@@ -112,11 +112,11 @@ class Estimate:
             return None
         return self.price.cost(self.prompt_tokens, self.max_completion_tokens)
 
-    def describe(self, model: str) -> str:
+    def describe(self, model: str, section: str = "generate") -> str:
         text = (f"{self.requests} request(s) to {model}: ~{self.prompt_tokens:,} prompt tokens ({self.method}) and "
                 f"~{self.completion_tokens:,} completion tokens expected")
         if self.price is None:
-            return text + f"; no price is known for {model!r}, so no dollar figure (add one under generate.prices)"
+            return text + f"; no price is known for {model!r}, so no dollar figure (add one under {section}.prices)"
         text += f"; estimated ${self.cost:,.2f}"
         if self.max_cost is not None:
             text += f" (at most ${self.max_cost:,.2f} if every reply reaches max_tokens)"

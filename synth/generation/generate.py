@@ -33,8 +33,10 @@ from typing import Any
 from tqdm import tqdm
 
 from synth.generation.backends import BackendError, ChatBackend
+from synth.generation.completions import Completion
 from synth.generation.costs import Price
 from synth.generation.prompt import SeedExample, choose_examples, render_prompt
+from synth.generation.structured import Constraint
 from synth.redact import Redactor
 
 
@@ -185,6 +187,157 @@ def pending_groups(groups: Sequence[dict[str, Any]], out_dir: str | os.PathLike[
     return [group for group in groups if group["group_id"] not in done]
 
 
+@dataclass
+class Request:
+    """One prompt to send: its id (the key of its output line), what the backend needs, and how its line reads."""
+
+    id: str
+    prompt: str
+    captions: list[str]
+    rng: random.Random  # the request's seed and its retries' jitter: the same on every rerun
+    record: Callable[[Completion, int], dict[str, Any]]  # (completion, attempts) -> its output line
+    constraint: Constraint | None = None
+
+
+async def run_requests(
+    requests: Sequence[Request],
+    backend: ChatBackend,
+    out_path: str | os.PathLike[str],
+    failures_path: str | os.PathLike[str],
+    total: int | None = None,
+    concurrency: int = 16,
+    requests_per_minute: float = 0,
+    tokens_per_minute: float = 0,
+    retry: RetryPolicy | None = None,
+    price: Price | None = None,
+    expected_completion_tokens: int = 1024,
+    budget: Budget | None = None,
+    max_consecutive_failures: int = 20,
+    count_tokens: Callable[[str], int] | None = None,
+    desc: str = "generate",
+    unit: str = "group",
+) -> Tally:
+    """Send every request (those whose output line exists are the caller's to leave out), ``concurrency`` in
+    flight, rate-limited, retried, budgeted; append each result to ``out_path`` and each exhausted request to
+    ``failures_path`` as it ends. ``total``: the whole job's size, for the progress bar (done = total - len);
+    ``desc`` and ``unit`` name the job and what it counts on the bar and in messages.
+
+    Raises :class:`GenerationAborted` on a fatal error (HTTP 401/403/404), or once
+    ``max_consecutive_failures`` requests in a row have failed with none answered in between.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    retry, budget = retry or RetryPolicy(), budget or Budget()
+    count_tokens = count_tokens or (lambda text: -(-len(text) // 4))
+    total = len(requests) if total is None else total
+    tally = Tally(already_done=total - len(requests))
+    limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+    semaphore = asyncio.Semaphore(concurrency)
+    redact = getattr(backend, "redact", Redactor())
+    outputs = _Appender(Path(out_path), redact)
+    failures = _Appender(Path(failures_path), redact)
+    progress = tqdm(total=total, initial=tally.already_done, desc=f"{desc} ({backend.name})", unit=unit)
+    reserved = {"tokens": 0, "cost": 0.0}
+    state = {"consecutive_failures": 0, "abort": None}
+
+    def show() -> None:
+        postfix = {"failed": tally.failed, "tokens": tally.tokens}
+        if price is not None:
+            postfix["cost"] = f"${price.cost(tally.prompt_tokens, tally.completion_tokens):.2f}"
+        progress.set_postfix(refresh=False, **postfix)
+
+    def record_failure(request_id: str, attempt: int, error: BackendError) -> None:
+        tally.failed += 1
+        failures.write({"group_id": request_id, "attempts": attempt, "error": str(error),
+                        "retryable": error.retryable, "fatal": error.fatal, "time": round(time.time(), 3)})
+        state["consecutive_failures"] += 1
+        if error.fatal:
+            state["abort"] = f"stopped at once: {error}"
+        elif state["consecutive_failures"] >= max_consecutive_failures:
+            state["abort"] = (f"stopped after {state['consecutive_failures']} {unit}s in a row failed (last error: "
+                              f"{error}); the endpoint seems unusable, see {Path(failures_path).name}")
+
+    async def one(request: Request) -> None:
+        held = {"constraint": request.constraint} if request.constraint is not None else {}  # backends without it
+        need_tokens = count_tokens(request.prompt) + expected_completion_tokens
+        need_cost = price.cost(need_tokens - expected_completion_tokens, expected_completion_tokens) if price else 0.0
+        rng = request.rng
+        async with semaphore:
+            for attempt in range(1, retry.max_attempts + 1):
+                if state["abort"] or tally.stopped:
+                    return
+                if not budget.allows(tally, reserved["tokens"], reserved["cost"], need_tokens, need_cost):
+                    tally.stopped = "budget"
+                    return
+                reserved["tokens"] += need_tokens
+                reserved["cost"] += need_cost
+                try:
+                    await limiter.acquire(need_tokens)
+                    tally.attempts += 1
+                    completion = await backend.complete(request.prompt, request.captions, rng.randrange(2**31),
+                                                        **held)
+                except BackendError as error:
+                    kind = str(error).split(":")[0]
+                    tally.errors[kind] = tally.errors.get(kind, 0) + 1
+                    if error.retryable and not error.fatal and attempt < retry.max_attempts:
+                        await asyncio.sleep(retry.delay(attempt, error.retry_after, rng))
+                        continue
+                    record_failure(request.id, attempt, error)
+                    break
+                finally:
+                    reserved["tokens"] -= need_tokens
+                    reserved["cost"] -= need_cost
+                tally.generated += 1
+                state["consecutive_failures"] = 0
+                tally.prompt_tokens += completion.prompt_tokens
+                tally.completion_tokens += completion.completion_tokens
+                outputs.write(request.record(completion, attempt))
+                break
+        progress.update()
+        show()
+
+    tasks = [asyncio.ensure_future(one(request)) for request in requests]
+    try:
+        pending = set(tasks)
+        while pending:
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if state["abort"]:
+                for task in pending:  # requests in flight are dropped, never recorded: a rerun sends them again
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                break
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+    finally:
+        for task in tasks:
+            task.cancel()
+        outputs.close()
+        failures.close()
+        progress.close()
+        await backend.close()
+    if state["abort"]:
+        raise GenerationAborted(f"{desc}: {state['abort']}. {tally.generated} {unit}(s) done in this run are kept; "
+                                "fix the cause and rerun to continue.")
+    return tally
+
+
+def group_request(group: dict[str, Any], seeds: Sequence[SeedExample], num_examples: int, seed: int,
+                  constraint_for: Callable[[list[str]], Constraint | None] | None = None) -> Request:
+    """A group's generation request: Appendix A's prompt with its examples, and its constraint if any."""
+    captions = [pair["caption"] for pair in group["pairs"]]
+    prompt, examples, rng = group_prompt(group, seeds, num_examples, seed)
+    constraint = constraint_for(captions) if constraint_for is not None else None
+
+    def record(completion: Completion, attempts: int) -> dict[str, Any]:
+        return generation_record(group, examples, completion.model, completion.text, attempts,
+                                 completion.prompt_tokens, completion.completion_tokens,
+                                 finish_reason=completion.finish_reason,
+                                 **({"structured": constraint.kind} if constraint is not None else {}))
+
+    return Request(group["group_id"], prompt, captions, rng, record, constraint)
+
+
 async def generate_groups(
     groups: Sequence[dict[str, Any]],
     backend: ChatBackend,
@@ -201,106 +354,17 @@ async def generate_groups(
     budget: Budget | None = None,
     max_consecutive_failures: int = 20,
     count_tokens: Callable[[str], int] | None = None,
+    constraint_for: Callable[[list[str]], Constraint | None] | None = None,
 ) -> Tally:
     """Generate every group not yet in ``out_dir/generations.jsonl``; return the tally of this run.
+    ``constraint_for(captions)``: the structured-generation constraint for a group (None: free text).
 
     Raises :class:`GenerationAborted` on a fatal error (HTTP 401/403/404), or once
     ``max_consecutive_failures`` groups in a row have failed with none generated in between.
     """
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     out_dir = Path(out_dir)
-    retry, budget = retry or RetryPolicy(), budget or Budget()
-    count_tokens = count_tokens or (lambda text: -(-len(text) // 4))
-    todo = pending_groups(groups, out_dir)
-    tally = Tally(already_done=len(groups) - len(todo))
-    limiter = RateLimiter(requests_per_minute, tokens_per_minute)
-    semaphore = asyncio.Semaphore(concurrency)
-    redact = getattr(backend, "redact", Redactor())
-    generations = _Appender(out_dir / "generations.jsonl", redact)
-    failures = _Appender(out_dir / "failures.jsonl", redact)
-    progress = tqdm(total=len(groups), initial=tally.already_done, desc=f"generate ({backend.name})", unit="group")
-    reserved = {"tokens": 0, "cost": 0.0}
-    state = {"consecutive_failures": 0, "abort": None}
-
-    def show() -> None:
-        postfix = {"failed": tally.failed, "tokens": tally.tokens}
-        if price is not None:
-            postfix["cost"] = f"${price.cost(tally.prompt_tokens, tally.completion_tokens):.2f}"
-        progress.set_postfix(refresh=False, **postfix)
-
-    def record_failure(group_id: str, attempt: int, error: BackendError) -> None:
-        tally.failed += 1
-        failures.write({"group_id": group_id, "attempts": attempt, "error": str(error),
-                        "retryable": error.retryable, "fatal": error.fatal, "time": round(time.time(), 3)})
-        state["consecutive_failures"] += 1
-        if error.fatal:
-            state["abort"] = f"stopped at once: {error}"
-        elif state["consecutive_failures"] >= max_consecutive_failures:
-            state["abort"] = (f"stopped after {state['consecutive_failures']} groups in a row failed (last error: "
-                              f"{error}); the endpoint seems unusable, see failures.jsonl")
-
-    async def one(group: dict[str, Any]) -> None:
-        group_id = group["group_id"]
-        captions = [pair["caption"] for pair in group["pairs"]]
-        prompt, examples, rng = group_prompt(group, seeds, num_examples, seed)
-        need_tokens = count_tokens(prompt) + expected_completion_tokens
-        need_cost = price.cost(need_tokens - expected_completion_tokens, expected_completion_tokens) if price else 0.0
-        async with semaphore:
-            for attempt in range(1, retry.max_attempts + 1):
-                if state["abort"] or tally.stopped:
-                    return
-                if not budget.allows(tally, reserved["tokens"], reserved["cost"], need_tokens, need_cost):
-                    tally.stopped = "budget"
-                    return
-                reserved["tokens"] += need_tokens
-                reserved["cost"] += need_cost
-                try:
-                    await limiter.acquire(need_tokens)
-                    tally.attempts += 1
-                    completion = await backend.complete(prompt, captions, rng.randrange(2**31))
-                except BackendError as error:
-                    kind = str(error).split(":")[0]
-                    tally.errors[kind] = tally.errors.get(kind, 0) + 1
-                    if error.retryable and not error.fatal and attempt < retry.max_attempts:
-                        await asyncio.sleep(retry.delay(attempt, error.retry_after, rng))
-                        continue
-                    record_failure(group_id, attempt, error)
-                    break
-                finally:
-                    reserved["tokens"] -= need_tokens
-                    reserved["cost"] -= need_cost
-                tally.generated += 1
-                state["consecutive_failures"] = 0
-                tally.prompt_tokens += completion.prompt_tokens
-                tally.completion_tokens += completion.completion_tokens
-                generations.write(generation_record(group, examples, completion.model, completion.text, attempt,
-                                                    completion.prompt_tokens, completion.completion_tokens))
-                break
-        progress.update()
-        show()
-
-    tasks = [asyncio.ensure_future(one(group)) for group in todo]
-    try:
-        pending = set(tasks)
-        while pending:
-            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if state["abort"]:
-                for task in pending:  # requests in flight are dropped, never recorded: a rerun sends them again
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                break
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-    finally:
-        for task in tasks:
-            task.cancel()
-        generations.close()
-        failures.close()
-        progress.close()
-        await backend.close()
-    if state["abort"]:
-        raise GenerationAborted(f"generate: {state['abort']}. {tally.generated} group(s) generated in this run are "
-                                "kept; fix the cause and rerun to continue.")
-    return tally
+    requests = [group_request(group, seeds, num_examples, seed, constraint_for)
+                for group in pending_groups(groups, out_dir)]
+    return await run_requests(requests, backend, out_dir / "generations.jsonl", out_dir / "failures.jsonl",
+                              len(groups), concurrency, requests_per_minute, tokens_per_minute, retry, price,
+                              expected_completion_tokens, budget, max_consecutive_failures, count_tokens)

@@ -23,7 +23,7 @@ from typing import Any
 
 from synth.atomic import atomic_path, atomic_write_text
 from synth.data.conversation_io import write_conversations
-from synth.generation.dialogue_parser import ParseRejection, parse_dialogue
+from synth.review.dialogue_parser import ParseRejection, parse_dialogue
 from synth.data.pairs import TAR_SEPARATOR, read_image_bytes
 from synth.data.schema import Conversation, SchemaError, Turn, validate
 
@@ -57,6 +57,10 @@ def to_conversation(generation: dict[str, Any], rules: FilterRules | float = Fil
         rules = FilterRules(max_edit_distance=float(rules))
     pairs = generation["pairs"]
     captions = [pair["caption"] for pair in pairs]
+    if generation.get("structured") and generation.get("finish_reason") == "length":
+        # a constraint's guarantees (every image once, the turns) hold for a finished dialogue only
+        return ParseRejection("truncated", f"the {generation['structured']}-constrained reply ran out of "
+                                           "max_tokens before the dialogue ended; raise generate.max_tokens")
     parsed = parse_dialogue(generation.get("output"), captions, rules.max_edit_distance, rules.edit_distance_norm,
                             tuple(rules.user_names), tuple(rules.assistant_names))
     if isinstance(parsed, ParseRejection):
@@ -72,7 +76,8 @@ def to_conversation(generation: dict[str, Any], rules: FilterRules | float = Fil
     conversation = Conversation(
         id=f"tb-{generation['group_id']}", turns=turns, image_dir=IMAGE_DIR,
         meta={"group_id": generation["group_id"], "cluster": generation.get("cluster"),
-              "generator": generation.get("model"), "examples": generation.get("examples", [])})
+              "generator": generation.get("model"), "examples": generation.get("examples", []),
+              **({"structured": generation["structured"]} if generation.get("structured") else {})})
     try:
         validate(conversation)
     except SchemaError as error:  # e.g. a dialogue that ends before any Assistant turn
