@@ -58,7 +58,8 @@ class SampleConfig:
 class EndpointConfig:
     """Where requests go and how patiently: shared by generate (the conversations) and review (the judge)."""
 
-    # openai (any OpenAI-compatible endpoint), local (a causal LM in this process) or offline (rule-based composer)
+    # openai (any OpenAI-compatible endpoint), local (a causal LM in this process), offline (rule-based composer)
+    # or world (the world's composer, synth.world.composer; generate only)
     backend: str = "openai"
     model: str = "gpt-4"  # section 4.1
     base_url: str | None = None  # e.g. http://localhost:8000/v1 for vLLM; None: api.openai.com
@@ -93,6 +94,7 @@ class EndpointConfig:
 class GenerateConfig(EndpointConfig):
     seed_set: str | None = None  # JSONL of labelled examples; None: the bundled Appendix B seeds
     num_examples: int = 3  # section 3.3: three in-context examples per prompt
+    world: str | None = None  # backend world: the scenes.jsonl of the pictures ingested (synth.world)
     # Structured generation, off by default (null: section 3.2's free text, then the filter). grammar: Appendix
     # A's format as a GBNF grammar (llama.cpp's server, vLLM, the local backend); json_schema: the same as a strict
     # JSON schema (OpenAI's structured outputs). See synth.generation.structured; the filter still runs.

@@ -95,3 +95,28 @@ def test_export_writes_the_card_with_the_checkpoints_figures(tmp_path: Path, tra
     directory = export_checkpoint(str(tmp_path / "model.ckpt"), str(tmp_path / "exported"), sdxl={"preset": "tiny"})
     card = (directory / "README.md").read_text()
     assert "| global step | 0 |" in card and "| stage | instruction |" in card
+
+
+def test_a_tied_embedding_llm_trained_in_stage_2_saves_and_loads(tmp_path: Path) -> None:
+    """SmolLM2 ties its lm_head to its input embedding: both names share one tensor, which safetensors
+    refuses to write as it is (`mim export` failed on the README's longer job); each name is written, and
+    loading gives back the saved module's logits with the two still tied."""
+    from synth.model_parts import build_llm
+
+    bundle = build_llm(TINY)
+    bundle.model.config.tie_word_embeddings = True
+    bundle.model.tie_weights()
+    bundle.model.save_pretrained(tmp_path / "llm")
+    bundle.tokenizer.save_pretrained(tmp_path / "llm")
+    llm = {"pretrained": str(tmp_path / "llm")}
+    model = MIM(head=LanguageDescriptionHead(), llm=llm, blip2=TINY, stage="instruction")
+    embedding, head = model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight
+    assert embedding.data_ptr() == head.data_ptr()  # tied
+    with torch.no_grad():
+        embedding.add_(torch.randn_like(embedding) * 0.05)
+    directory = model.save_pretrained(tmp_path / "mim", sdxl="tiny")
+    loaded = MIM.from_pretrained(directory).eval()
+    batch = sample_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).logits, model.eval()(batch).logits)
+    assert loaded.llm.get_input_embeddings().weight.data_ptr() == loaded.llm.get_output_embeddings().weight.data_ptr()

@@ -145,3 +145,77 @@ def test_blanked_keeps_the_count_and_size_of_pictures() -> None:
     picture = Image.new("RGB", (20, 10), (255, 0, 0))
     out = blanked([{"role": "user", "content": "x <image>", "images": [picture]}])
     assert out[0]["images"][0].size == (20, 10) and out[0]["images"][0].getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_the_world_goes_through_the_synthesis_pipeline_with_true_answer_keys(tmp_path: Path) -> None:
+    """ingest -> score -> cluster -> sample -> generate (the world's composer) -> filter: the kept dialogues are
+    in Appendix A's format, parsed like an LLM's, and every answer key is true of the picture it asks about."""
+    from synth.config import ClusterConfig, GenerateConfig, IngestConfig, SampleConfig, ScoreConfig, SynthConfig
+    from synth.data.pairs import read_pairs
+    from synth.pipeline import run_all
+    from synth.selection.ingest import IngestSource
+
+    images = tmp_path / "pictures"
+    config = SynthConfig(
+        work_dir=str(tmp_path / "synth"),
+        ingest=IngestConfig(sources=[IngestSource("world", str(images), options={"count": 120, "seed": 4,
+                                                                                 "image_size": 32})]),
+        score=ScoreConfig(clip={"preset": "tiny"}, min_score=-100.0, batch_size=64, num_workers=0),
+        cluster=ClusterConfig(k=3, min_cluster_size=4), sample=SampleConfig(num_groups=40),
+        generate=GenerateConfig(backend="world", world=str(images / "scenes.jsonl"), concurrency=8))
+    run_all(config, until="filter", log=lambda line: None)
+    generations = [json.loads(line) for line in (tmp_path / "synth" / "generate" / "generations.jsonl")
+                   .read_text().splitlines()]
+    assert len(generations) == 40 and all(g["output"].startswith("Human: ") for g in generations)
+    scenes = read_scenes(images / "scenes.jsonl")
+    scene_of = {f"{pair.id}.png": scenes[Path(pair.image).stem]
+                for pair in read_pairs(tmp_path / "synth" / "ingest" / "pairs.jsonl")}
+    kept = [json.loads(line) for line in (tmp_path / "synth" / "filter" / "conversations.jsonl")
+            .read_text().splitlines()]
+    assert len(kept) >= 15
+    checked = 0
+    for record in kept:
+        turns = record["conversation"]
+        for answer in record["meta"]["answers"]:
+            question, reply = turns[answer["turn"] - 1], turns[answer["turn"]]
+            if answer["type"] == "draw":
+                assert reply["image_list"] and scene_of[reply["image_list"][0]].caption == answer["answer"]
+                continue
+            assert chosen_answer(reply["content"], answer["choices"]) == answer["answer"]
+            pictures = [scene_of[name] for name in question["image_list"]]
+            if answer["type"] == "count":
+                assert answer["answer"] == {1: "one", 2: "two", 3: "three"}[pictures[0].count]
+                checked += 1
+            if answer["type"] == "which":
+                colour, shape = re.search(r"has an? (\w+) (\w+)\?", question["content"]).groups()
+                holding = [i for i, p in enumerate(pictures)
+                           if any((o.colour, o.shape) == (colour, shape) for o in p.objects)]
+                assert len(holding) == 1 and answer["choices"][holding[0]] == answer["answer"]
+                checked += 1
+    assert checked >= 5
+
+
+def test_the_world_sdxl_encodes_captions_into_the_world_clips_space(tmp_path: Path) -> None:
+    """The MSE heads' targets: SDXL's pooled embedding of a caption is exactly the world CLIP's text feature."""
+    import torch
+    from transformers import CLIPModel
+
+    from synth.model_parts.clip import tiny_clip_config
+    from synth.model_parts.sdxl import build_sdxl_text_encoders, sdxl_text_dims
+    from synth.world.parts import WORLD_IMAGE_SIZE, build_world_sdxl, world_clip_processor
+
+    torch.manual_seed(0)
+    processor = world_clip_processor()
+    clip = CLIPModel(tiny_clip_config(len(processor.tokenizer), image_size=WORLD_IMAGE_SIZE)).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    sdxl = build_world_sdxl(tmp_path / "sdxl", tmp_path / "clip")
+    assert sdxl_text_dims({"pretrained": str(sdxl)}) == (77, 64, 32)
+    captions = ["a small red square on the left", "two large blue circles on a grey background"]
+    _, _, pooled, _ = build_sdxl_text_encoders({"pretrained": str(sdxl)}).encode_prompt(
+        captions, device="cpu", do_classifier_free_guidance=False)
+    with torch.no_grad():
+        features = clip.get_text_features(**processor.tokenizer(captions, padding=True, return_tensors="pt"))
+    features = getattr(features, "pooler_output", features)
+    assert torch.allclose(pooled, features, atol=1e-5)
+    assert not torch.allclose(pooled[0], pooled[1])

@@ -46,37 +46,53 @@ def test_the_calibrated_threshold_separates_the_two_score_groups() -> None:
         calibrate_threshold(scores, np.zeros(7, bool))
 
 
-class _Text:
-    """A text encoder stand-in: one-hot over known captions (retrieval's arithmetic, checked by hand)."""
+class _TextSide:
+    """An SDXL text side stand-in whose pooled embedding counts shared words with each known caption (the
+    retrieval's arithmetic, checked by hand)."""
 
     def __init__(self, library):
         self.library = library
 
-    def __call__(self, texts, **_):
-        return {"texts": texts}
-
-    def get_text_features(self, texts):
+    def encode_prompt(self, texts, **_):
         import torch
 
         rows = torch.zeros(len(texts), len(self.library))
         for i, text in enumerate(texts):
             for j, caption in enumerate(self.library):
                 rows[i, j] = len(set(text.split()) & set(caption.split()))
-        return SimpleNamespace(pooler_output=rows)
+        return None, None, rows, None
 
 
-def test_caption_retrieval_ranks_the_requested_caption() -> None:
+def test_caption_retrieval_ranks_the_requested_caption_from_a_caption_or_an_embedding() -> None:
     library = ["a red square", "a blue circle", "a green triangle"]
-    text = _Text(library)
-    clip = SimpleNamespace(processor=SimpleNamespace(tokenizer=text), model=text)
+    side = _TextSide(library)
     case = lambda answer: SimpleNamespace(answer={"type": "draw", "answer": answer})  # noqa: E731
-    pairs = [(case("a red square"), {"descriptions": ["a red square"]}),
-             (case("a blue circle"), {"descriptions": ["a green triangle"]}),
-             (case("a green triangle"), {"descriptions": []}),  # drew nothing: counted, not retrieved
-             (SimpleNamespace(answer={"type": "colour"}), {"descriptions": []})]
-    result = caption_retrieval(pairs, library, clip)
-    assert result["r_at_1"] == 0.5 and result["r_at_5"] == 1.0
-    assert result["drawn"] == 2 and result["draw_turns"] == 3 and result["exact_caption"] == 0.5
+    pairs = [(case("a red square"), {"images": ["x.png"], "descriptions": ["a red square"], "pooled": [None]}),
+             (case("a blue circle"), {"images": ["y.png"], "descriptions": ["a green triangle"], "pooled": [None]}),
+             # an MSE head: no caption, the pooled embedding it asked SDXL for (nearest "a blue circle")
+             (case("a blue circle"), {"images": ["z.png"], "descriptions": [None], "pooled": [[0.1, 3.0, 0.2]]}),
+             (case("a green triangle"), {"images": [], "descriptions": [], "pooled": []}),  # drew nothing
+             (SimpleNamespace(answer={"type": "colour"}), {"images": [], "descriptions": []})]
+    result = caption_retrieval(pairs, library, side)
+    assert result["r_at_1"] == pytest.approx(2 / 3) and result["r_at_5"] == 1.0
+    assert result["drawn"] == 3 and result["draw_turns"] == 4 and result["exact_caption"] == 0.5
+
+
+def test_the_head_comparison_reads_the_intervals() -> None:
+    from mim.experiments.world import head_comparison
+
+    cell = lambda mean, half: {"mean": mean, "half_width": half}  # noqa: E731
+    summary = {"language": {"held_out/r_at_1": cell(0.6, 0.05), "test/r_at_1": cell(0.7, 0.05)},
+               "qformer_medium": {"held_out/r_at_1": cell(0.2, 0.05), "test/r_at_1": cell(0.72, 0.05)},
+               "prompt_tokens": {"held_out/r_at_1": cell(0.3, 0.1), "test/r_at_1": cell(0.5, 0.05)}}
+    comparison = head_comparison(summary)
+    assert comparison["verdict"].startswith("holds here")
+    seen = comparison["by_measure"]["image generation, seen pairs (R@1)"]
+    assert seen["qformer_medium"].startswith("not told apart") and seen["prompt_tokens"].startswith("language above")
+    summary["prompt_tokens"]["held_out/r_at_1"] = cell(0.8, 0.05)
+    assert head_comparison(summary)["verdict"].startswith("does not hold")
+    summary["prompt_tokens"]["held_out/r_at_1"] = cell(0.6, 0.2)
+    assert head_comparison(summary)["verdict"].startswith("not answered at this budget")
 
 
 def test_interval_is_the_t_interval_and_summarise_keeps_chance() -> None:
@@ -93,8 +109,8 @@ def test_interval_is_the_t_interval_and_summarise_keeps_chance() -> None:
 
 
 def test_the_plan_refuses_what_it_cannot_run() -> None:
-    with pytest.raises(ValueError, match="MSE heads"):
-        WorldPlan(heads=["prompt_tokens"])
+    with pytest.raises(ValueError, match="builds"):
+        WorldPlan(heads=["diffusion_prior"])
     with pytest.raises(ValueError, match="splits"):
         WorldPlan(splits=["val"])
     with pytest.raises(ValueError, match="seed"):

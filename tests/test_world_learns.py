@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 SMOKE = dict(scenes=1500, calibration_scenes=200, conversations=2000, eval_scenes=150, eval_conversations=110,
              llm_steps=400, clip_steps=250, tower_steps=250, stage1_steps=0, head_steps=0, stage2_steps=1000,
-             seeds=[0], splits=["test"])
+             seeds=[0], splits=["test"], heads=["language"])
 
 
 @pytest.fixture(scope="module")

@@ -219,8 +219,13 @@ class AnswerStore:
                 descriptions.append(part.caption)
                 kinds.append(part.condition)
             fingerprints = [condition_fingerprint(c) for c in result.conditions]
+        # the pooled embedding an MSE head asked SDXL for (None for a prompt): conditioning-space metrics
+        pooled = [None if c.pooled_prompt_embeds is None else
+                  [round(float(v), 5) for v in c.pooled_prompt_embeds.reshape(-1).tolist()]
+                  for c in (result.conditions if result is not None else [])]
         record = {"key": case.key, "sample": sample, "text": result.text if result is not None else "",
                   "images": images, "descriptions": descriptions, "conditions": kinds, "fingerprints": fingerprints,
+                  "pooled": pooled,
                   "seconds": round(seconds, 3), "error": error}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,11 +1,14 @@
 """``mim world``: the world experiment, end to end, on a CPU.
 
-world pictures -> world parts (LLM, CLIP, vision tower; :mod:`synth.world.parts`) -> the section 3.2 match
-filter with the world CLIP (``synth score``'s code, at the world's calibrated threshold) -> stage 1 on the
-kept pairs -> for every head and seed: head pre-training, stage 2 on conversations over the kept pictures ->
+world pictures -> world parts (LLM, CLIP, vision tower, and an SDXL whose text encoders are the world CLIP's
+text side; :mod:`synth.world.parts`) -> the synthesis pipeline on the training pairs (``synth run``'s stages:
+ingest, the section 3.2 match filter with the world CLIP at its calibrated threshold, FAISS clusters,
+topic-aware groups, the world's composer writing a dialogue per group, the filter) -> stage 1 on the kept
+pairs -> for every head and seed: head pre-training, stage 2 on the synthesized conversations ->
 ``mim evaluate``'s answer keys on new pictures of seen and of held-out colour-shape pairs, with the pictures
-blanked (the language-prior control) and with the pictures of every "which" question in reverse order ->
-a report (mean and 95% interval over seeds).
+blanked (the language-prior control) and with the pictures of every "which" question in reverse order, and
+image generation in conditioning space (what each head asks SDXL for retrieves the requested caption) ->
+a report (mean and 95% interval over seeds, and what the head comparison says).
 
 Every step leaves its result on disk and is skipped when it is there; an interrupted fit resumes from its
 ``last.ckpt``. The parts and stage 1 are shared by every head and seed (as the paper's stage 1 is shared by
@@ -22,8 +25,9 @@ from typing import Any
 
 from synth.atomic import atomic_write_text
 
-#: heads the world experiment can build; the MSE heads need an SDXL text side in the world's space (not yet).
-HEADS = {"language": "heads.LanguageDescriptionHead"}
+#: the three heads of section 5.1; the MSE heads' targets come from the world SDXL's text encoders.
+HEADS = {"language": "heads.LanguageDescriptionHead", "qformer_medium": "heads.QFormerMediumHead",
+         "prompt_tokens": "heads.PromptTokensHead"}
 
 
 @dataclass
@@ -48,7 +52,14 @@ class WorldPlan:
     stage2_steps: int = 4000
     stage2_learning_rate: float = 1.0e-3
     batch_size: int = 8
-    heads: list[str] = field(default_factory=lambda: ["language"])
+    heads: list[str] = field(default_factory=lambda: list(HEADS))
+    #: the MSE heads' Q-Former (GILL's mapper is 512 wide and 4 layers deep over a 4096-wide LLM; the world
+    #: LLM is 64 wide)
+    mse_hidden_size: int = 64
+    mse_layers: int = 2
+    mse_attention_heads: int = 4
+    clusters: int = 16  # section 3.1's k-means over the kept pairs (4096 for CC3M)
+    min_cluster_size: int = 16  # section 4.1's outlier rule, scaled (32 for CC3M)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     world_seed: int = 0
     max_cases: int | None = None
@@ -59,8 +70,7 @@ class WorldPlan:
     def __post_init__(self) -> None:
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown:
-            raise ValueError(f"heads {unknown}: the world experiment builds {sorted(HEADS)}; the MSE heads need "
-                             "an SDXL whose text encoders live in the world CLIP's space, which is not built yet")
+            raise ValueError(f"heads {unknown}: the world experiment builds {sorted(HEADS)}")
         if set(self.splits) - {"test", "held_out", "swapped"}:
             raise ValueError(f"splits {self.splits}: choose among test, held_out, swapped")
         if not self.seeds:
@@ -105,8 +115,8 @@ def build_parts(plan: WorldPlan, files: dict[str, Path]) -> dict[str, Path]:
     """The world LLM, CLIP and vision tower (cached in ``out_dir/parts``)."""
     from synth.model_parts.text_tokenizers import tiny_llama_tokenizer
     from synth.world.dialogues import write_conversations
-    from synth.world.parts import (is_trained, pretrain_clip, pretrain_language_model, pretrain_vision_tower,
-                                   world_texts)
+    from synth.world.parts import (build_world_sdxl, is_trained, pretrain_clip, pretrain_language_model,
+                                   pretrain_vision_tower, world_texts)
     from synth.world.scenes import read_scenes
 
     parts = Path(plan.out_dir) / "parts"
@@ -124,46 +134,92 @@ def build_parts(plan: WorldPlan, files: dict[str, Path]) -> dict[str, Path]:
                          plan.clip_steps, seed=plan.world_seed)
     blip2 = pretrain_vision_tower(parts / "blip2", clip, train, files["train"].parent, plan.tower_steps,
                                   seed=plan.world_seed, train_qformer=plan.pretrain_qformer)
-    return {"llm": llm, "clip": clip, "blip2": blip2}
+    sdxl = build_world_sdxl(parts / "sdxl", clip, seed=plan.world_seed)
+    return {"llm": llm, "clip": clip, "blip2": blip2, "sdxl": sdxl}
 
 
-def filter_pairs(plan: WorldPlan, files: dict[str, Path], clip: Path) -> dict[str, Any]:
-    """Section 3.2's match filter over the training pairs with the world CLIP (``synth score``'s stage, at the
-    calibrated threshold); writes the kept pairs and the conversations over them."""
-    from synth.data.pairs import read_pairs
-    from synth.selection.embed import embed_pairs, load_embeddings
-    from synth.world.dialogues import write_conversations
+def synthesis_config(plan: WorldPlan, files: dict[str, Path], clip: Path):
+    """The world's ``synth run`` config: the training pictures through section 3.1-3.2's stages, the world CLIP
+    scoring at its calibrated threshold, the world's composer writing the dialogues."""
+    from synth.config import ClusterConfig, FilterConfig, GenerateConfig, IngestConfig, SampleConfig, \
+        ScoreConfig, SynthConfig
+    from synth.selection.ingest import IngestSource
+
+    threshold = json.loads((clip / "world_threshold.json").read_text())["threshold"]
+    options = {"count": plan.scenes, "seed": plan.world_seed, "split": "train", "mismatched": plan.mismatched}
+    return SynthConfig(
+        work_dir=str(Path(plan.out_dir) / "synth"),
+        ingest=IngestConfig(sources=[IngestSource(kind="world", path=str(files["train"].parent), options=options)]),
+        score=ScoreConfig(clip={"pretrained": str(clip)}, min_score=threshold, batch_size=128, shard_size=1024,
+                          num_workers=0),
+        cluster=ClusterConfig(k=plan.clusters, min_cluster_size=plan.min_cluster_size, seed=plan.world_seed),
+        sample=SampleConfig(num_groups=plan.conversations, seed=plan.world_seed + 3),
+        generate=GenerateConfig(backend="world", world=str(files["train"]), concurrency=64, seed=plan.world_seed),
+        filter=FilterConfig())
+
+
+def synthesize(plan: WorldPlan, files: dict[str, Path], clip: Path) -> dict[str, Any]:
+    """``synth run`` on the world (skipping finished stages), the kept pairs for stage 1, and what the match
+    filter and the rest of the pipeline kept."""
+    from synth.pipeline import run_all, stage_dir
     from synth.world.scenes import read_scenes
 
     out = Path(plan.out_dir) / "filter"
     if (record := _done(out / "filter.json")) is not None:
         return record
-    threshold = json.loads((clip / "world_threshold.json").read_text())["threshold"]
-    pairs = list(read_pairs(files["train"], files["train"].parent))
-    shards = embed_pairs(pairs, out / "score", {"pretrained": str(clip)}, batch_size=128, num_workers=0)
-    kept_ids = set(load_embeddings(shards, threshold)[0].tolist())
+    config = synthesis_config(plan, files, clip)
+    run_all(config, log=lambda line: print(line, flush=True))
+    kept_ids = _scored_ids(config)
     scenes = read_scenes(files["train"])
     kept = {i: s for i, s in scenes.items() if i in kept_ids}
     lines = [json.dumps({**s.record(), "image": f"{s.id}.png"}) + "\n" for s in kept.values()]
     atomic_write_text(out / "pairs.jsonl", "".join(lines))
-    write_conversations(kept, out / "conversations.jsonl", plan.conversations, plan.world_seed + 3,
-                        prefix="train")
     mismatched = [s for s in scenes.values() if s.mismatched]
+    generated = json.loads((stage_dir(config, "generate") / "summary.json").read_text())
+    filtered = json.loads((stage_dir(config, "filter") / "summary.json").read_text())
     return _write(out / "filter.json", {
-        "threshold": threshold, "pairs": len(scenes), "kept": len(kept),
+        "threshold": config.score.min_score, "pairs": len(scenes), "kept": len(kept),
         "mismatched": len(mismatched),
         "mismatched_rejected": sum(s.id not in kept_ids for s in mismatched) / max(1, len(mismatched)),
         "matched_kept": sum(s.id in kept_ids for s in scenes.values() if not s.mismatched)
-        / max(1, len(scenes) - len(mismatched))})
+        / max(1, len(scenes) - len(mismatched)),
+        "groups": generated["groups"], "conversations": filtered["kept"], "filter_rejections": filtered["reasons"],
+        "conversations_file": str(stage_dir(config, "filter") / "conversations.jsonl")})
+
+
+def _scored_ids(config) -> set[str]:
+    """Scene ids of the pairs that passed the score stage's threshold."""
+    from synth.data.pairs import read_pairs
+    from synth.pipeline import stage_dir
+    from synth.selection.embed import load_embeddings
+
+    shards = sorted((stage_dir(config, "score")).glob("shard-*.npz"))
+    ids = set(load_embeddings(shards, config.score.min_score)[0].tolist())
+    return {Path(pair.image).stem for pair in read_pairs(stage_dir(config, "ingest") / "pairs.jsonl")
+            if pair.id in ids}
 
 
 # --- training --------------------------------------------------------------------------------------------
 
 
-def fit_config(run: Path, stage: str, head: str, steps: int, learning_rate: float, models: dict[str, dict],
-               data: dict[str, Any], seed: int, init_from: list[str]) -> dict[str, Any]:
+def head_config(head: str, plan: WorldPlan | None = None, sdxl: Path | None = None) -> dict[str, Any]:
+    """The head's ``class_path`` and, for the MSE heads, their targets: the world SDXL's text encoders (cached
+    under ``out_dir/sdxl_targets``) and a Q-Former sized for the world."""
+    if head == "language":
+        return {"class_path": HEADS[head]}
+    if sdxl is None or plan is None:
+        raise ValueError(f"the {head} head regresses SDXL text embeddings: give the world SDXL")
+    return {"class_path": HEADS[head], "init_args": {
+        "sdxl": {"pretrained": str(sdxl)}, "target_cache": str(Path(plan.out_dir) / "sdxl_targets"),
+        "hidden_size": plan.mse_hidden_size, "num_layers": plan.mse_layers,
+        "num_heads": plan.mse_attention_heads}}
+
+
+def fit_config(run: Path, stage: str, head: str | dict, steps: int, learning_rate: float,
+               models: dict[str, dict], data: dict[str, Any], seed: int, init_from: list[str]) -> dict[str, Any]:
     """A ``mim fit`` config for one run of the experiment: ``models`` are the ``llm`` and ``blip2`` sources
-    (the world's parts, or presets), checkpoints and CSV logs under ``run``."""
+    (the world's parts, or presets), checkpoints and CSV logs under ``run``; ``head`` a name of
+    :data:`HEADS` (the language head) or a :func:`head_config`."""
     return {
         "seed_everything": seed,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 20,
@@ -173,7 +229,7 @@ def fit_config(run: Path, stage: str, head: str, steps: int, learning_rate: floa
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True,
                                                  "enable_version_counter": False}}]},
-        "model": {"stage": stage, "head": {"class_path": HEADS[head]},
+        "model": {"stage": stage, "head": head_config(head) if isinstance(head, str) else head,
                   "llm": models["llm"], "blip2": models["blip2"],
                   "learning_rate": learning_rate, "warmup_ratio": 0.1, "init_from": init_from or None},
         "data": data,
@@ -205,34 +261,50 @@ def fit(run: Path, config: dict[str, Any]) -> Path:
 # --- evaluation ------------------------------------------------------------------------------------------
 
 
-def caption_retrieval(pairs: list[tuple[Any, dict]], captions: list[str], clip) -> dict[str, Any] | None:
-    """Image generation in conditioning space: the caption the language head wrote for a draw turn, embedded
-    by the world CLIP's text side, retrieves the requested caption among ``captions`` (R@1, R@5)."""
+def caption_retrieval(pairs: list[tuple[Any, dict]], captions: list[str], text_side) -> dict[str, Any] | None:
+    """Image generation in conditioning space: for each draw request the model answered with an image, what
+    it asked SDXL for (the language head: its caption, through SDXL's text encoders; an MSE head: the pooled
+    embedding it predicted) retrieves the requested caption among ``captions`` by cosine similarity of pooled
+    embeddings (R@1, R@5). ``text_side``: a pipeline whose ``encode_prompt`` gives SDXL's pooled embedding."""
     import torch
 
-    rows = [(case, answer["descriptions"][0]) for case, answer in pairs
-            if case.answer and case.answer.get("type") == "draw" and answer.get("descriptions")]
+    rows = []
+    for case, answer in pairs:
+        if not (case.answer and case.answer.get("type") == "draw" and answer.get("images")):
+            continue
+        caption = (answer.get("descriptions") or [None])[0]
+        pooled = (answer.get("pooled") or [None])[0]
+        if caption is not None or pooled is not None:
+            rows.append((case, caption, pooled))
     if not rows:
         return None
 
     @torch.no_grad()
     def embed(texts: list[str]) -> torch.Tensor:
-        inputs = clip.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        return torch.nn.functional.normalize(clip.model.get_text_features(**inputs).pooler_output, dim=-1)
+        vectors = [text_side.encode_prompt(texts[i:i + 256], device="cpu", do_classifier_free_guidance=False)[2]
+                   for i in range(0, len(texts), 256)]
+        return torch.cat(vectors).float()
 
     library = sorted(set(captions))
     index = {c: i for i, c in enumerate(library)}
-    similarity = embed([d for _, d in rows]) @ embed(library).T  # (turns, captions)
+    written = [caption for _, caption, _ in rows if caption is not None]
+    from_text = iter(embed(written)) if written else iter(())
+    asked = torch.stack([next(from_text) if caption is not None else torch.tensor(pooled, dtype=torch.float32)
+                         for _, caption, pooled in rows])
+    similarity = torch.nn.functional.normalize(asked, dim=-1) @ torch.nn.functional.normalize(embed(library), dim=-1).T
     ranks = [int((similarity[i] > similarity[i, index[case.answer["answer"]]]).sum())
-             for i, (case, _) in enumerate(rows)]
+             for i, (case, _, _) in enumerate(rows)]
     draw_turns = sum(1 for case, _ in pairs if case.answer and case.answer.get("type") == "draw")
     return {"r_at_1": sum(r < 1 for r in ranks) / len(ranks), "r_at_5": sum(r < 5 for r in ranks) / len(ranks),
             "drawn": len(rows), "draw_turns": draw_turns, "captions": len(library),
-            "exact_caption": sum(d.strip() == c.answer["answer"] for c, d in rows) / len(rows)}
+            "exact_caption": (sum(caption.strip() == case.answer["answer"] for case, caption, _ in rows
+                                  if caption is not None) / len(written)) if written else None}
 
 
-def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: WorldPlan, clip) -> dict[str, Any]:
-    """Answer keys on seen and held-out pictures, blanked, and with the "which" pictures reversed."""
+def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: WorldPlan, sdxl: Path
+                 ) -> dict[str, Any]:
+    """Answer keys on seen and held-out pictures, blanked, and with the "which" pictures reversed; the draw
+    requests' conditions retrieved among the split's captions."""
     from mim.evaluation.held_out import ModelResponder, evaluate_cases, replay_cases
     from mim.inference.interleaved import GenerationSettings
     from mim.modeling.directory import load_model
@@ -242,7 +314,8 @@ def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: Worl
     if (record := _done(out / "evaluation.json")) is not None:
         return record
     model = load_model(checkpoint).eval()
-    sdxl = build_sdxl({"preset": "tiny"})  # draws the language head's captions; the check is in caption space
+    # the world SDXL (text encoders: the world CLIP's; UNet untrained): the check is in conditioning space
+    pipeline = build_sdxl({"pretrained": str(sdxl)})
     settings = GenerationSettings(max_new_tokens=plan.max_new_tokens, do_sample=False, max_images=1,
                                   image_size=64, num_inference_steps=2)
     results: dict[str, Any] = {}
@@ -252,21 +325,21 @@ def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: Worl
         captions = [s.caption for s in read_scenes(files[name].parent / "scenes.jsonl").values()]
         for blank in ((False, True) if name != "swapped" else (False,)):
             label = f"{name}{'_blank' if blank else ''}"
-            metrics = {} if blank else {"retrieval": lambda pairs: caption_retrieval(pairs, captions, clip)}
-            report = evaluate_cases(cases, ModelResponder(model, sdxl, settings=settings, blank_images=blank),
+            metrics = {} if blank else {"retrieval": lambda pairs: caption_retrieval(pairs, captions, pipeline)}
+            report = evaluate_cases(cases, ModelResponder(model, pipeline, settings=settings, blank_images=blank),
                                     out / label, metrics=metrics)
             results[label] = {"answers": report["answers"], "drawing": report["drawing"],
                               "retrieval": report.get("retrieval")}
     return _write(out / "evaluation.json", results)
 
 
-def export_world_mim(checkpoint: Path, directory: Path) -> Path:
-    """A MIM directory for ``mim chat`` and ``mim serve`` (drawing with the tiny SDXL preset: the world has
-    no trained image decoder; what is drawn is checked in caption space, not in pixels)."""
+def export_world_mim(checkpoint: Path, directory: Path, sdxl: Path) -> Path:
+    """A MIM directory for ``mim chat`` and ``mim serve``, drawing with the world SDXL (its text encoders are
+    the world CLIP's, its UNet untrained: what is drawn is checked in conditioning space, not in pixels)."""
     from mim.modeling.directory import export_checkpoint
 
     if not (directory / "mim.json").is_file():
-        export_checkpoint(str(checkpoint), str(directory), sdxl={"preset": "tiny"})
+        export_checkpoint(str(checkpoint), str(directory), sdxl={"pretrained": str(sdxl)})
     return directory
 
 
@@ -310,6 +383,41 @@ def summarise(evaluations: dict[str, dict[int, dict]]) -> dict[str, Any]:
     return summary
 
 
+def head_comparison(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the ablation says about the paper's finding (section 5.1: the MSE heads generalise poorly, the
+    language description works), read from the 95% intervals: for image generation on held-out colour-shape
+    pairs (R@1, the finding's measure) and on seen ones, and for answer accuracy over every type, whether the
+    language head is above each MSE head (intervals apart), below it, or not told apart."""
+    if "language" not in summary:
+        return {"verdict": "the language head was not run: nothing to compare"}
+    measures = {"held_out/r_at_1": "image generation, held-out pairs (R@1)",
+                "test/r_at_1": "image generation, seen pairs (R@1)", "held_out/all": "answers, held-out pairs",
+                "test/all": "answers, seen pairs"}
+    rows: dict[str, dict[str, str]] = {}
+    for key, name in measures.items():
+        language = summary["language"].get(key)
+        for head, table in summary.items():
+            other = table.get(key)
+            if head == "language" or language is None or other is None:
+                continue
+            low, high = language["mean"] - language["half_width"], language["mean"] + language["half_width"]
+            other_low, other_high = other["mean"] - other["half_width"], other["mean"] + other["half_width"]
+            verdict = ("language above" if low > other_high else "language below" if high < other_low
+                       else "not told apart")
+            rows.setdefault(name, {})[head] = (f"{verdict} ({language['mean']:.2f} +- {language['half_width']:.2f} "
+                                               f"vs {other['mean']:.2f} +- {other['half_width']:.2f})")
+    held_out = rows.get(measures["held_out/r_at_1"], {})
+    if held_out and all(v.startswith("language above") for v in held_out.values()):
+        verdict = "holds here: the language head generalises to held-out pairs better than every MSE head"
+    elif any(v.startswith("language below") for v in held_out.values()):
+        verdict = "does not hold here: an MSE head generalises to held-out pairs better than the language head"
+    elif held_out:
+        verdict = "not answered at this budget: the heads' held-out R@1 intervals overlap"
+    else:
+        verdict = "not answered: no head drew on held-out pairs"
+    return {"verdict": verdict, "by_measure": rows}
+
+
 TARGETS = {"attribute accuracy (colour, shape, count, position)": ">= 0.90", "which": ">= 0.90",
            "blank control": "within 0.10 of chance", "draw F1": ">= 0.95", "R@1 (seen)": ">= 0.80"}
 
@@ -320,7 +428,9 @@ def write_report(out: Path, plan: WorldPlan, summary: dict[str, Any], steps: dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _write(out / "report.json", {"plan": asdict(plan), "summary": summary, "steps": steps})
+    comparison = head_comparison(summary)
+    _write(out / "report.json", {"plan": asdict(plan), "summary": summary, "steps": steps,
+                                 "head_comparison": comparison})
     lines = ["# The world experiment", "",
              f"{len(plan.seeds)} seed(s) per head; each cell is the mean over seeds and its 95% t-interval "
              "(+- half-width). Chance is one over the number of choices.", "",
@@ -340,7 +450,12 @@ def write_report(out: Path, plan: WorldPlan, summary: dict[str, Any], steps: dic
             lines.append(f"| {row} | {chance} | " + " | ".join(
                 f"{c['mean']:.2f} +- {c['half_width']:.2f}" if c else "-" for c in cells) + " |")
         lines.append("")
-    lines += ["## Targets (issue 21)", "", *[f"- {k}: {v}" for k, v in TARGETS.items()], "",
+    lines += ["## The heads compared (the paper's finding, section 5.1)", "",
+              f"The paper's finding (the MSE heads generalise poorly, the language description works) "
+              f"{comparison['verdict']}.", ""]
+    for measure, by_head in comparison.get("by_measure", {}).items():
+        lines += [f"- {measure}: " + "; ".join(f"{head}: {text}" for head, text in by_head.items())]
+    lines += ["", "## Targets (issue 21)", "", *[f"- {k}: {v}" for k, v in TARGETS.items()], "",
               "![accuracy by question type](accuracy.png)", "",
               f"Wall time: {steps['seconds']:.0f} s.", ""]
     figure, axis = plt.subplots(figsize=(9, 3.5), dpi=100)
@@ -367,27 +482,27 @@ def write_report(out: Path, plan: WorldPlan, summary: dict[str, Any], steps: dic
 
 def run_world(plan: WorldPlan) -> Path:
     """Every step of the experiment, each skipped when its result is on disk; returns the report's path."""
-    from synth.model_parts.clip import build_clip
-
     start = time.perf_counter()
     out = Path(plan.out_dir)
     files = build_world(plan)
     parts = build_parts(plan, files)
-    filtered = filter_pairs(plan, files, parts["clip"])
+    filtered = synthesize(plan, files, parts["clip"])
     print(f"world: match filter kept {filtered['kept']} of {filtered['pairs']} pairs "
-          f"(rejected {filtered['mismatched_rejected']:.1%} of the mismatched)", flush=True)
+          f"(rejected {filtered['mismatched_rejected']:.1%} of the mismatched); {filtered['conversations']} "
+          f"conversations synthesized from {filtered['groups']} groups", flush=True)
     pairs_file = str(out / "filter" / "pairs.jsonl")
     models = {part: {"pretrained": str(parts[part])} for part in ("llm", "blip2")}
+    # stage 1 trains no head (section 5.2): one run, shared by every head, as the paper's
     stage1 = None if not plan.stage1_steps else fit(out / "stage1", fit_config(
-        out / "stage1", "alignment", plan.heads[0], plan.stage1_steps, plan.stage1_learning_rate, models,
+        out / "stage1", "alignment", "language", plan.stage1_steps, plan.stage1_learning_rate, models,
         {"class_path": "datamodules.CaptionDataModule",
          "init_args": {"train": [pairs_file], "image_root": str(files["train"].parent), "batch_size": 16,
                        "num_workers": 0}}, plan.world_seed, []))
-    clip = build_clip({"pretrained": str(parts["clip"])})
     evaluations: dict[str, dict[int, dict]] = {}
-    for head in plan.heads:
+    for name in plan.heads:
+        head = head_config(name, plan, parts["sdxl"])
         for seed in plan.seeds:
-            run = out / "runs" / f"{head}-seed{seed}"
+            run = out / "runs" / f"{name}-seed{seed}"
             init = [str(stage1)] if stage1 else []
             if plan.head_steps:
                 pretrained = fit(run / "head", fit_config(
@@ -400,11 +515,11 @@ def run_world(plan: WorldPlan) -> Path:
             checkpoint = fit(run / "stage2", fit_config(
                 run / "stage2", "instruction", head, plan.stage2_steps, plan.stage2_learning_rate, models,
                 {"class_path": "datamodules.ConversationDataModule",
-                 "init_args": {"train": [{"path": str(out / "filter" / "conversations.jsonl"),
-                                          "image_root": str(files["train"].parent)}],
+                 "init_args": {"train": [{"path": filtered["conversations_file"]}],
                                "batch_size": plan.batch_size, "num_workers": 0, "seed": seed}}, seed, init))
-            evaluations.setdefault(head, {})[seed] = evaluate_run(checkpoint, files, run / "eval", plan, clip)
-            export_world_mim(checkpoint, out / "mim" / f"{head}-seed{seed}")
+            evaluations.setdefault(name, {})[seed] = evaluate_run(checkpoint, files, run / "eval", plan,
+                                                                  parts["sdxl"])
+            export_world_mim(checkpoint, out / "mim" / f"{name}-seed{seed}", parts["sdxl"])
     report = write_report(out, plan, summarise(evaluations),
                           {"filter": filtered, "seconds": time.perf_counter() - start})
     print(f"world report: {report}")

@@ -68,6 +68,14 @@ def _write_directory(model, directory: Path, keep, model_settings: dict[str, Any
     directory.mkdir(parents=True, exist_ok=True)
     with model.full_state():
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if keep(k)}
+    # tied weights (an LLM whose lm_head is its input embedding, as SmolLM2's) share storage, which
+    # safetensors refuses: each name gets a copy of its own, and loading ties them again
+    storages: set[int] = set()
+    for key, tensor in state.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in storages:
+            state[key] = tensor.clone()
+        storages.add(pointer)
     with atomic_path(directory / WEIGHTS_FILE) as temporary:
         save_file(state, str(temporary))
     hparams = {k: v for k, v in dict(model.hparams).items() if k != "init_from"}

@@ -178,4 +178,8 @@ def build_backend(name: str, **settings) -> ChatBackend:
         from synth.generation.local_backend import LocalChatBackend
 
         return LocalChatBackend(**settings)
-    raise ValueError(f"generate.backend must be 'openai', 'local' or 'offline', got {name!r}")
+    if name == "world":
+        from synth.world.composer import WorldComposer
+
+        return WorldComposer(**settings)
+    raise ValueError(f"generate.backend must be 'openai', 'local', 'offline' or 'world', got {name!r}")

@@ -4,7 +4,7 @@ backends (an endpoint, the offline composer, a model in this process)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -15,6 +15,7 @@ class Completion:
     completion_tokens: int
     model: str
     finish_reason: str = "stop"  # "length": the reply ran out of max_tokens (OpenAI's field)
+    meta: dict = field(default_factory=dict)  # more fields for the generation record (the world's answer keys)
 
 
 class BackendError(Exception):
@@ -36,7 +37,8 @@ FATAL_STATUSES = {401: "the endpoint refused the API key", 403: "the key may not
 
 class ChatBackend(Protocol):
     """``constraint`` (a :class:`~synth.generation.structured.Constraint`) is passed only when the run asks for
-    structured generation; a backend that cannot honour one raises a non-retryable :class:`BackendError`."""
+    structured generation; a backend that cannot honour one raises a non-retryable :class:`BackendError`.
+    A backend with ``uses_group = True`` (the world's composer) is also given ``group``, the image group."""
 
     name: str
 

@@ -21,7 +21,8 @@ class Endpoint:
 
     @property
     def offline(self) -> bool:
-        return self.backend.name == "offline"
+        """A composer that needs no network and costs nothing (the offline templates, the world's composer)."""
+        return self.backend.name in ("offline", "world")
 
 
 def open_endpoint(section: Any) -> Endpoint:
@@ -36,13 +37,15 @@ def open_endpoint(section: Any) -> Endpoint:
                         max_tokens=section.max_tokens, batch_size=section.batch_size, device=section.device)
     elif section.backend == "offline":
         settings = {}
+    elif section.backend == "world":
+        settings = {"scenes": getattr(section, "world", None)}
     else:
         settings = dict(model=section.model, base_url=section.base_url, api_key_env=section.api_key_env,
                         temperature=section.temperature, top_p=section.top_p, max_tokens=section.max_tokens,
                         timeout=section.timeout, grammar_field=getattr(section, "grammar_field", "grammar"))
     backend = build_backend(section.backend, **settings)
-    if section.backend == "offline":
-        return Endpoint(backend, "offline", None, TokenCounter.for_model("offline"))
+    if section.backend in ("offline", "world"):  # composers, not models: nothing to price
+        return Endpoint(backend, section.backend, None, TokenCounter.for_model("offline"))
     if section.backend == "local":  # priced only if the user's table names it: a local model is free by default
         model = backend.model_name
         return Endpoint(backend, model, price_for(model, price_table(section.prices)),

@@ -197,6 +197,7 @@ class Request:
     rng: random.Random  # the request's seed and its retries' jitter: the same on every rerun
     record: Callable[[Completion, int], dict[str, Any]]  # (completion, attempts) -> its output line
     constraint: Constraint | None = None
+    group: dict[str, Any] | None = None  # the image group, for backends that write from it (uses_group)
 
 
 async def run_requests(
@@ -259,6 +260,8 @@ async def run_requests(
 
     async def one(request: Request) -> None:
         held = {"constraint": request.constraint} if request.constraint is not None else {}  # backends without it
+        if getattr(backend, "uses_group", False):
+            held["group"] = request.group
         need_tokens = count_tokens(request.prompt) + expected_completion_tokens
         need_cost = price.cost(need_tokens - expected_completion_tokens, expected_completion_tokens) if price else 0.0
         rng = request.rng
@@ -333,9 +336,10 @@ def group_request(group: dict[str, Any], seeds: Sequence[SeedExample], num_examp
         return generation_record(group, examples, completion.model, completion.text, attempts,
                                  completion.prompt_tokens, completion.completion_tokens,
                                  finish_reason=completion.finish_reason,
-                                 **({"structured": constraint.kind} if constraint is not None else {}))
+                                 **({"structured": constraint.kind} if constraint is not None else {}),
+                                 **completion.meta)
 
-    return Request(group["group_id"], prompt, captions, rng, record, constraint)
+    return Request(group["group_id"], prompt, captions, rng, record, constraint, group)
 
 
 async def generate_groups(

@@ -77,7 +77,9 @@ def to_conversation(generation: dict[str, Any], rules: FilterRules | float = Fil
         id=f"tb-{generation['group_id']}", turns=turns, image_dir=IMAGE_DIR,
         meta={"group_id": generation["group_id"], "cluster": generation.get("cluster"),
               "generator": generation.get("model"), "examples": generation.get("examples", []),
-              **({"structured": generation["structured"]} if generation.get("structured") else {})})
+              **({"structured": generation["structured"]} if generation.get("structured") else {}),
+              # answer keys a composer knew (the world's): by message index, which parsing keeps
+              **({"answers": generation["answers"]} if isinstance(generation.get("answers"), list) else {})})
     try:
         validate(conversation)
     except SchemaError as error:  # e.g. a dialogue that ends before any Assistant turn

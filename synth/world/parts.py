@@ -328,3 +328,44 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
     _mark(out, {"part": "blip2", "steps": steps, "qformer_trained": train_qformer, "pairs": len(matched), "final_loss": float(np.mean(losses[-50:])),
                 "seconds": round(time.perf_counter() - start, 1), "seed": seed})
     return out
+
+
+def build_world_sdxl(out_dir: str | os.PathLike[str], clip_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """An SDXL-layout directory whose two text encoders are the world CLIP's text side, so the MSE heads'
+    targets (``prompt_embeds``: both encoders' penultimate states, ``pooled_prompt_embeds``: the second one's
+    projection, exactly as diffusers' ``encode_prompt`` computes them for SDXL) live in a space that means
+    something in the world: the pooled target of a caption is the world CLIP's caption feature. The UNet and
+    VAE are the tiny preset's, untrained: the world checks what a head asks SDXL to draw in this conditioning
+    space (caption retrieval), not pixels. ``sdxl: {pretrained: DIR}`` loads it like any SDXL checkpoint."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from synth.model_parts.source import preset_weights_rng
+    from synth.model_parts.sdxl import tiny_sdxl_components
+
+    out = Path(out_dir)
+    if is_trained(out):
+        return out
+    clip = CLIPModel.from_pretrained(clip_dir)
+    text_config = clip.config.text_config
+    first = CLIPTextModel(text_config)
+    # transformers 5's CLIPTextModel is the text transformer itself (4.x wrapped it in .text_model)
+    getattr(first, "text_model", first).load_state_dict(clip.text_model.state_dict())
+    text_config.projection_dim = clip.config.projection_dim
+    second = CLIPTextModelWithProjection(text_config)
+    second.text_model.load_state_dict(clip.text_model.state_dict())
+    second.text_projection.load_state_dict(clip.text_projection.state_dict())
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    with preset_weights_rng():
+        components = tiny_sdxl_components()
+    if components["text_encoder"].config.hidden_size != text_config.hidden_size or \
+            components["text_encoder_2"].config.projection_dim != text_config.projection_dim:
+        raise ValueError("the world CLIP's text width must match the tiny SDXL's (32) for its UNet to take it")
+    components.update(text_encoder=first.eval(), text_encoder_2=second.eval(), tokenizer=tokenizer,
+                      tokenizer_2=tokenizer)
+    pipeline = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    _mark(out, {"part": "sdxl", "text_encoders": "the world CLIP's text side", "unet": "tiny preset, untrained",
+                "clip": str(clip_dir), "seed": seed})
+    return out
