@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,28 +64,32 @@ def _label(value: Any, allowed: Sequence[str]) -> str | None:
     return next((label for label in allowed if label.lower() == wanted), None)
 
 
+def reply_object(text: str | None, tries: int = 50) -> dict | None:
+    """The first JSON object in a model's reply: in a fenced block or not, with words before or after it
+    (a ``{`` that starts no object is skipped; at most ``tries`` of them). None when there is none."""
+    if not isinstance(text, str):
+        return None
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    for _ in range(tries):
+        if start < 0:
+            return None
+        try:
+            value = decoder.raw_decode(text, start)[0]
+        except (json.JSONDecodeError, RecursionError):
+            value = None
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    return None
+
+
 def parse_verdict(reply: str) -> Verdict | str:
     """The verdict in a judge's reply (its first JSON object, fenced or not), or why there is none."""
     if not isinstance(reply, str) or not reply.strip():
         return "an empty reply"
-    text = reply.strip()
-    fenced = re.search(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.S)
-    candidates = [fenced.group(1)] if fenced else []
-    start = text.find("{")
-    if start >= 0:
-        try:  # the first object, even with words after it
-            candidates.append(json.dumps(json.JSONDecoder().raw_decode(text[start:])[0]))
-        except json.JSONDecodeError:
-            pass
-    value = None
-    for candidate in candidates:
-        try:
-            value = json.loads(candidate)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            break
-    if not isinstance(value, dict):
+    value = reply_object(reply)
+    if value is None:
         return "no JSON object in the reply"
     quality = _label(value.get("quality"), QUALITY_LABELS)
     if quality is None:

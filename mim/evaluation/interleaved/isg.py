@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mim.evaluation.interleaved.judge import Judge, JudgeReply, image_data_url
-from mim.evaluation.interleaved.opening import BenchmarkFormatError, inside
+from mim.evaluation.interleaved.records import BenchmarkFormatError, inside, read_benchmark
 from synth.data.schema import IMAGE_PLACEHOLDER, escape_placeholders
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -84,29 +84,15 @@ def load_isg(path: str | Path, root: str | Path | None = None) -> tuple[list[ISG
     and the rest load. Image paths resolve under ``root`` (default: the file's folder) and may not leave it."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    items, rejected, seen = [], [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise BenchmarkFormatError("a line is one JSON object")
-            item_id = str(record["id"])
-            if not re.fullmatch(r"[A-Za-z0-9_-]+", item_id):  # the id names the answer's image files
-                raise BenchmarkFormatError(f"id {item_id!r} must be letters, digits, '-' or '_'")
-            if item_id in seen:
-                raise BenchmarkFormatError(f"id {item_id} appears twice")
-            if not isinstance(record.get("predict", {}), dict):
-                raise BenchmarkFormatError("predict must be an object")
-            items.append(ISGItem(item_id, str(record.get("Category", "")), record,
-                                 _blocks(record["Query"], root, where + " Query"),
-                                 _blocks(record["Golden"], root, where + " Golden")))
-            seen.add(item_id)
-        except (json.JSONDecodeError, KeyError, TypeError, BenchmarkFormatError) as error:
-            rejected.append(f"{where}: {type(error).__name__}: {error}")
-    return items, rejected
+
+    def build(item_id: str, record: dict, where: str) -> ISGItem:
+        if not isinstance(record.get("predict", {}), dict):
+            raise BenchmarkFormatError("predict must be an object")
+        return ISGItem(item_id, str(record.get("Category", "")), record,
+                       _blocks(record["Query"], root, where + " Query"),
+                       _blocks(record["Golden"], root, where + " Golden"))
+
+    return read_benchmark(path, "id", "[A-Za-z0-9_-]+", "letters, digits, '-' or '_'", build)
 
 
 def query_message(item: ISGItem) -> tuple[str, list[Path]]:
@@ -314,7 +300,8 @@ def judge_item(item: ISGItem, answer: list[Block] | None, judge: Judge | None, p
         result["image"] = image_results
         block_results = []
         for question, content in block_questions(item, names, prompts):
-            block_results.append({**question, "VQA_judge_Score": ask(content, f"block question {question['Question']!r}")})
+            verdict = ask(content, f"block question {question['Question']!r}")
+            block_results.append({**question, "VQA_judge_Score": verdict})
         result["block"] = block_results
     result["holistic"] = ask(holistic_content(item, answer, prompts["isg_holistic"]), "holistic")
     return result

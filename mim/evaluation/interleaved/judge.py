@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,23 +24,10 @@ class JudgeReply:
     error: str | None = None
 
     def json(self) -> dict | None:
-        """The reply's JSON object (a fenced ```json block too), or None."""
-        if self.text is None:
-            return None
-        text = self.text.strip()
-        fenced = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, re.S)
-        candidates = [fenced.group(1)] if fenced else []
-        start, end = text.find("{"), text.rfind("}")
-        if start >= 0 and end > start:
-            candidates.append(text[start:end + 1])
-        for candidate in candidates:
-            try:
-                value = json.loads(candidate)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                return value
-        return None
+        """The reply's first JSON object (in a fenced block or not, words around it allowed), or None."""
+        from synth.review.judge import reply_object
+
+        return reply_object(self.text)
 
 
 def image_data_url(image: Any, resize: tuple[int, int] | None = None) -> str:

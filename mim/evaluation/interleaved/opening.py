@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mim.evaluation.interleaved.judge import Judge, image_data_url
+from mim.evaluation.interleaved.records import BenchmarkFormatError, inside, read_benchmark
 from synth.atomic import atomic_write_text
 from synth.data.schema import IMAGE_PLACEHOLDER, escape_placeholders
 
@@ -42,22 +43,6 @@ class OpenINGInstance:
     record: dict  # the line as published, written back beside the answer
     inputs: list[Step]
     reference: list[Step] = field(default_factory=list)  # the human-annotated output
-
-
-class BenchmarkFormatError(ValueError):
-    """A benchmark record that does not have the published layout (or points outside its folder)."""
-
-
-def inside(root: Path, relative: Any, where: str) -> Path | None:
-    """A path the file names, which must stay inside ``root`` (a downloaded file may not point elsewhere)."""
-    if relative in (None, ""):
-        return None
-    if not isinstance(relative, str):
-        raise BenchmarkFormatError(f"{where}: an image path must be a string")
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise BenchmarkFormatError(f"{where}: image path {relative!r} leaves the benchmark folder {root}")
-    return path
 
 
 def _steps(raw: Any, root: Path, where: str) -> list[Step]:
@@ -87,29 +72,15 @@ def load_opening(path: str | Path, root: str | Path | None = None) -> tuple[list
     number and the rest load. Image paths resolve under ``root`` (default: the file's folder) and may not leave it."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    instances, rejected, seen = [], [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise BenchmarkFormatError("a line is one JSON object")
-            uid = str(record["total_uid"])
-            if not uid.isalnum():  # the uid names the answer's files
-                raise BenchmarkFormatError(f"total_uid {uid!r} must be letters and digits")
-            if uid in seen:
-                raise BenchmarkFormatError(f"total_uid {uid} appears twice")
-            inputs = _turn(record, "input")
-            if inputs is None:
-                raise BenchmarkFormatError("no conversations[].input")
-            instances.append(OpenINGInstance(uid, record, _steps(inputs, root, where + " input"),
-                                             _steps(_turn(record, "output") or [], root, where + " output")))
-            seen.add(uid)
-        except (json.JSONDecodeError, KeyError, TypeError, BenchmarkFormatError) as error:
-            rejected.append(f"{where}: {type(error).__name__}: {error}")
-    return instances, rejected
+
+    def build(uid: str, record: dict, where: str) -> OpenINGInstance:
+        inputs = _turn(record, "input")
+        if inputs is None:
+            raise BenchmarkFormatError("no conversations[].input")
+        return OpenINGInstance(uid, record, _steps(inputs, root, where + " input"),
+                               _steps(_turn(record, "output") or [], root, where + " output"))
+
+    return read_benchmark(path, "total_uid", "[A-Za-z0-9]+", "letters and digits", build)
 
 
 def instance_message(instance: OpenINGInstance) -> tuple[str, list[Path]]:

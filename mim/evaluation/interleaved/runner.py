@@ -130,7 +130,8 @@ def run_isg(data: str | Path, responder, out_dir: str | Path, judge: Judge | Non
     scores = {item.id: isg_bench.item_scores(answered.get(item.id), judged.get(item.id)) for item in items}
     summary = isg_bench.summarize(items, scores)
     if judge is None:  # without a judge only the structure level means anything
-        summary = {category: {"items": row["items"], "structure": row["structure"]} for category, row in summary.items()}
+        summary = {category: {"items": row["items"], "structure": row["structure"]}
+                   for category, row in summary.items()}
     return {"items": len(items), "rejected": len(rejected), "rejections": rejected[:5], "answered": len(
         [i for i in items if i.id in answered]), **counts, "judge_failures_now": failures,
             "dependencies": dependencies, "answers": str(answers_path), "scores": summary,
