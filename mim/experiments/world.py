@@ -169,16 +169,19 @@ def synthesize(plan: WorldPlan, files: dict[str, Path], clip: Path) -> dict[str,
         return record
     config = synthesis_config(plan, files, clip)
     run_all(config, log=lambda line: print(line, flush=True))
-    kept_ids = _scored_ids(config)
+    scored, kept_ids = _scored_ids(config)
     scenes = read_scenes(files["train"])
     kept = {i: s for i, s in scenes.items() if i in kept_ids}
     lines = [json.dumps({**s.record(), "image": f"{s.id}.png"}) + "\n" for s in kept.values()]
     atomic_write_text(out / "pairs.jsonl", "".join(lines))
+    # the match filter's figures are over the pairs it scored (ingest drops pictures identical to another)
+    scenes = {i: s for i, s in scenes.items() if i in scored}
     mismatched = [s for s in scenes.values() if s.mismatched]
     generated = json.loads((stage_dir(config, "generate") / "summary.json").read_text())
     filtered = json.loads((stage_dir(config, "filter") / "summary.json").read_text())
     return _write(out / "filter.json", {
         "threshold": config.score.min_score, "pairs": len(scenes), "kept": len(kept),
+        "identical_pictures_dropped_by_ingest": len(read_scenes(files["train"])) - len(scenes),
         "mismatched": len(mismatched),
         "mismatched_rejected": sum(s.id not in kept_ids for s in mismatched) / max(1, len(mismatched)),
         "matched_kept": sum(s.id in kept_ids for s in scenes.values() if not s.mismatched)
@@ -187,16 +190,16 @@ def synthesize(plan: WorldPlan, files: dict[str, Path], clip: Path) -> dict[str,
         "conversations_file": str(stage_dir(config, "filter") / "conversations.jsonl")})
 
 
-def _scored_ids(config) -> set[str]:
-    """Scene ids of the pairs that passed the score stage's threshold."""
+def _scored_ids(config) -> tuple[set[str], set[str]]:
+    """Scene ids of the pairs the score stage scored, and of those that passed its threshold."""
     from synth.data.pairs import read_pairs
     from synth.pipeline import stage_dir
     from synth.selection.embed import load_embeddings
 
     shards = sorted((stage_dir(config, "score")).glob("shard-*.npz"))
     ids = set(load_embeddings(shards, config.score.min_score)[0].tolist())
-    return {Path(pair.image).stem for pair in read_pairs(stage_dir(config, "ingest") / "pairs.jsonl")
-            if pair.id in ids}
+    pairs = list(read_pairs(stage_dir(config, "ingest") / "pairs.jsonl"))
+    return {Path(p.image).stem for p in pairs}, {Path(p.image).stem for p in pairs if p.id in ids}
 
 
 # --- training --------------------------------------------------------------------------------------------
