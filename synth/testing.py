@@ -156,7 +156,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="OpenAI-compatible loopback server answering TextBind dialogues")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args()
-    server = ChatServer(plan=lambda n, body: "slow" if args.latency else "ok", slow_seconds=args.latency)
+    serve_until_interrupted(ChatServer(plan=lambda n, body: "slow" if args.latency else "ok",
+                                       slow_seconds=args.latency))
+
+
+def serve_until_interrupted(server) -> None:
+    """Start ``server`` (a context manager with a ``url``), print its URL for a caller to read, and serve until
+    Ctrl-C or a signal ends the process."""
     with server:
         print(server.url, flush=True)
         try:

@@ -74,19 +74,15 @@ class LlamaCppServer:
 
 def main() -> None:
     import argparse
-    import threading
 
     parser = argparse.ArgumentParser(description="serve a GGUF model with llama.cpp (xllamacpp) on 127.0.0.1")
     parser.add_argument("model", help="the GGUF file")
     parser.add_argument("--context", type=int, default=4096, help="positions per request")
     parser.add_argument("--parallel", type=int, default=1, help="requests decoded at once")
     args = parser.parse_args()
-    with LlamaCppServer(args.model, args.context, args.parallel) as server:
-        print(server.url, flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    from synth.testing import serve_until_interrupted
+
+    serve_until_interrupted(LlamaCppServer(args.model, args.context, args.parallel))
 
 
 if __name__ == "__main__":
