@@ -115,3 +115,24 @@ def test_the_plan_refuses_what_it_cannot_run() -> None:
         WorldPlan(splits=["val"])
     with pytest.raises(ValueError, match="seed"):
         WorldPlan(seeds=[])
+
+
+def test_answers_keep_the_pooled_embedding_each_condition_asked_sdxl_for(tmp_path) -> None:
+    """What an MSE head asked SDXL for is kept with its answer, for conditioning-space metrics; a prompt has none."""
+    import torch
+    from PIL import Image
+
+    from heads.base import SDXLCondition
+    from mim.evaluation.cases import Case
+    from mim.evaluation.held_out import AnswerStore
+    from mim.inference.interleaved import GenerationResult, ImagePart, TextPart
+
+    store = AnswerStore(tmp_path)
+    conditions = [SDXLCondition(prompt_embeds=torch.zeros(1, 77, 4), pooled_prompt_embeds=torch.tensor([[0.5, -1.25]])),
+                  SDXLCondition(prompt="a red square")]
+    picture = Image.new("RGB", (8, 8))
+    result = GenerationResult([TextPart("Here: "), ImagePart(picture, None, "embeddings"),
+                               ImagePart(picture, "a red square", "prompt")], conditions)
+    store.add(Case("c/1", "c", 1, [], ""), 0, result, 0.1)
+    record = json.loads((tmp_path / "answers.jsonl").read_text())
+    assert record["pooled"] == [[0.5, -1.25], None] and record["descriptions"] == [None, "a red square"]
