@@ -104,30 +104,32 @@ class DialogueFormat:
         """Some Assistant message at index >= turn may end the dialogue (the rest of the images fit in it)."""
         return any(t % 2 == 1 and self.min_turns <= t + 1 <= self.max_turns for t in range(turn, self.max_turns))
 
-    def _end(self, turn: int, used: int) -> list[str]:
-        options = []
-        if turn % 2 == 1 and used == self._full and turn + 1 >= self.min_turns:
-            options.append('""')
-        if turn + 1 < self.max_turns and self._can_finish(turn + 1):
-            options.append(f'"\\n\\n" u-{turn + 1}-{used}')
-        return options
-
     def grammar(self) -> str:
         """The GBNF grammar: one rule set per (message, images used so far), only states that can still finish."""
         rules: dict[str, str] = {}
+        named: list[tuple[int, int]] = [(0, 0)]  # messages an end option names, to write rules for
+
+        def end(turn: int, used: int) -> list[str]:  # close the dialogue, or start the next message
+            options = []
+            if turn % 2 == 1 and used == self._full and turn + 1 >= self.min_turns:
+                options.append('""')
+            if turn + 1 < self.max_turns and self._can_finish(turn + 1):
+                options.append(f'"\\n\\n" u-{turn + 1}-{used}')
+                named.append((turn + 1, used))
+            return options
 
         @functools.lru_cache(maxsize=None)
         def after_image(turn: int, used: int) -> bool:  # z: text, another image, or the end of the message
             options = [f'" "? txt y-{turn}-{used}'] if after_text(turn, used) else []
             options += images(turn, used)
-            options += self._end(turn, used)
+            options += end(turn, used)
             if options:
                 rules[f"z-{turn}-{used}"] = " | ".join(options)
             return bool(options)
 
         @functools.lru_cache(maxsize=None)
         def after_text(turn: int, used: int) -> bool:  # y: an image, or the end of the message
-            options = images(turn, used) + self._end(turn, used)
+            options = images(turn, used) + end(turn, used)
             if options:
                 rules[f"y-{turn}-{used}"] = " | ".join(options)
             return bool(options)
@@ -142,19 +144,12 @@ class DialogueFormat:
             options += images(turn, used, lead="")
             rules[f"u-{turn}-{used}"] = f'"{speaker}: " (' + " | ".join(options) + ")"
 
-        pending, seen = [(0, 0)], set()
-        while pending:  # every message rule a reachable end option names
-            turn, used = pending.pop()
-            if (turn, used) in seen:
-                continue
-            seen.add((turn, used))
-            message(turn, used)
-            for body in list(rules.values()):
-                for word in body.split():
-                    if word.startswith("u-"):
-                        t, u = (int(v) for v in word[2:].split("-"))
-                        if (t, u) not in seen:
-                            pending.append((t, u))
+        written: set[tuple[int, int]] = set()
+        while named:  # every message an end option names, and the rules it reaches
+            state = named.pop()
+            if state not in written:
+                written.add(state)
+                message(*state)
         lines = ['root ::= " "? u-0-0']  # SentencePiece models write the first word with its leading space
         lines += [f"{name} ::= {body}" for name, body in sorted(rules.items())]
         lines += [f"tag-{i} ::= " + _gbnf_string(f"<img{i}> {caption} </img{i}>")
