@@ -170,18 +170,18 @@ def synthesize(plan: WorldPlan, files: dict[str, Path], clip: Path) -> dict[str,
     config = synthesis_config(plan, files, clip)
     run_all(config, log=lambda line: print(line, flush=True))
     scored, kept_ids = _scored_ids(config)
-    scenes = read_scenes(files["train"])
-    kept = {i: s for i, s in scenes.items() if i in kept_ids}
+    every_scene = read_scenes(files["train"])
+    kept = {i: s for i, s in every_scene.items() if i in kept_ids}
     lines = [json.dumps({**s.record(), "image": f"{s.id}.png"}) + "\n" for s in kept.values()]
     atomic_write_text(out / "pairs.jsonl", "".join(lines))
     # the match filter's figures are over the pairs it scored (ingest drops pictures identical to another)
-    scenes = {i: s for i, s in scenes.items() if i in scored}
+    scenes = {i: s for i, s in every_scene.items() if i in scored}
     mismatched = [s for s in scenes.values() if s.mismatched]
     generated = json.loads((stage_dir(config, "generate") / "summary.json").read_text())
     filtered = json.loads((stage_dir(config, "filter") / "summary.json").read_text())
     return _write(out / "filter.json", {
         "threshold": config.score.min_score, "pairs": len(scenes), "kept": len(kept),
-        "identical_pictures_dropped_by_ingest": len(read_scenes(files["train"])) - len(scenes),
+        "identical_pictures_dropped_by_ingest": len(every_scene) - len(scenes),
         "mismatched": len(mismatched),
         "mismatched_rejected": sum(s.id not in kept_ids for s in mismatched) / max(1, len(mismatched)),
         "matched_kept": sum(s.id in kept_ids for s in scenes.values() if not s.mismatched)

@@ -11,6 +11,9 @@ from synth.generation.completions import ChatBackend
 from synth.generation.costs import Estimate, Price, TokenCounter, estimate, price_for, price_table
 from synth.generation.generate import Budget, Request, RetryPolicy, Tally, run_requests
 
+#: Backends that compose rather than call a model: no network, nothing to price.
+COMPOSERS = ("offline", "world")
+
 
 @dataclass
 class Endpoint:
@@ -22,7 +25,7 @@ class Endpoint:
     @property
     def offline(self) -> bool:
         """A composer that needs no network and costs nothing (the offline templates, the world's composer)."""
-        return self.backend.name in ("offline", "world")
+        return self.backend.name in COMPOSERS
 
 
 def open_endpoint(section: Any) -> Endpoint:
@@ -44,7 +47,7 @@ def open_endpoint(section: Any) -> Endpoint:
                         temperature=section.temperature, top_p=section.top_p, max_tokens=section.max_tokens,
                         timeout=section.timeout, grammar_field=getattr(section, "grammar_field", "grammar"))
     backend = build_backend(section.backend, **settings)
-    if section.backend in ("offline", "world"):  # composers, not models: nothing to price
+    if section.backend in COMPOSERS:
         return Endpoint(backend, section.backend, None, TokenCounter.for_model("offline"))
     if section.backend == "local":  # priced only if the user's table names it: a local model is free by default
         model = backend.model_name
