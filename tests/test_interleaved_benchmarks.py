@@ -385,3 +385,23 @@ def test_mim_evaluate_refuses_a_bad_benchmark_request_before_loading_a_model(
     options = {flag.lstrip("-"): value for flag, value in zip(flags[::2], flags[1::2])}
     assert evaluate("no-such-model-dir", [], **options) == 2
     assert message in capsys.readouterr().err
+
+
+def test_judge_prompts_from_a_folder_replace_ours_by_name(tmp_path: Path) -> None:
+    """``--judge_prompts DIR``: a file of a prompt's name there (the official wording) is what the judge gets."""
+    from mim.evaluation.interleaved.judge import judge_prompt
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "opening_pairwise.txt").write_text("OFFICIAL PAIRWISE WORDING")
+    assert judge_prompt("opening_pairwise", tmp_path / "prompts") == "OFFICIAL PAIRWISE WORDING"
+    assert judge_prompt("isg_image", tmp_path / "prompts") == judge_prompt("isg_image")  # no file: ours
+    data = make_opening(tmp_path)
+
+    class Responder:
+        def respond(self, cases, seeds):
+            return [reply_with("My answer.") for _ in cases]
+
+    with ChatServer(reply=lambda n, body: "A is better") as server:
+        run_opening(data, Responder(), tmp_path / "out", _judge(server), prompts_dir=tmp_path / "prompts",
+                    max_items=1)
+    assert server.requests[0]["messages"][0] == {"role": "system", "content": "OFFICIAL PAIRWISE WORDING"}

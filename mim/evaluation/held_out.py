@@ -654,11 +654,9 @@ def evaluate(model: str, data: str | list[str], out_dir: str = "runs/eval", imag
 
         benchmark_dir = out / "benchmarks"
         if opening:
-            prompt_file = Path(judge_prompts) / "opening_pairwise.txt" if judge_prompts else None
-            benchmarks["OpenING"] = run_opening(
-                opening, responder, benchmark_dir, judge, model_name, opening_opponents, opening_battles,
-                prompt_file.read_text(encoding="utf-8") if prompt_file and prompt_file.is_file() else None,
-                benchmark_max_items, batch_size, seed)
+            benchmarks["OpenING"] = run_opening(opening, responder, benchmark_dir, judge, model_name,
+                                                opening_opponents, opening_battles, judge_prompts,
+                                                benchmark_max_items, batch_size, seed)
         if isg:
             benchmarks["ISG-Bench"] = run_isg(isg, responder, benchmark_dir, judge, isg_root, judge_prompts,
                                               isg_dependencies, benchmark_max_items, batch_size, seed)

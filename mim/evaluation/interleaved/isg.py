@@ -31,11 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mim.evaluation.interleaved.judge import Judge, JudgeReply, image_data_url
+from mim.evaluation.interleaved.judge import Judge, JudgeReply, image_data_url, judge_prompt
 from mim.evaluation.interleaved.records import BenchmarkFormatError, inside, read_benchmark
 from synth.data.schema import IMAGE_PLACEHOLDER, escape_placeholders
-
-PROMPTS = Path(__file__).parent / "prompts"
 
 #: ``calculate_performance.py``'s ``Sum_category``: the reported categories and the task types in each.
 CATEGORIES = {
@@ -173,12 +171,8 @@ def named_blocks(item: ISGItem, answer: list[Block]) -> dict[str, Block]:
 
 def load_prompts(directory: str | Path | None = None) -> dict[str, str]:
     """The judge prompts, ours unless ``directory`` holds a file of the same name (the official wording, say)."""
-    prompts = {}
-    for name in ("isg_text_text", "isg_text_image", "isg_image_image", "isg_image", "isg_holistic"):
-        override = Path(directory) / f"{name}.txt" if directory else None
-        source = override if override is not None and override.is_file() else PROMPTS / f"{name}.txt"
-        prompts[name] = source.read_text(encoding="utf-8")
-    return prompts
+    return {name: judge_prompt(name, directory)
+            for name in ("isg_text_text", "isg_text_image", "isg_image_image", "isg_image", "isg_holistic")}
 
 
 def _fill(template: str, **values: str) -> str:

@@ -14,6 +14,17 @@ from typing import Any
 
 from synth.redact import Redactor
 
+PROMPTS = Path(__file__).resolve().parent / "prompts"
+
+
+def judge_prompt(name: str, directory: str | os.PathLike[str] | None = None) -> str:
+    """The judge prompt ``name`` (``prompts/NAME.txt``): ours, unless ``directory`` holds a file of that name
+    (the benchmark's official wording, say)."""
+    override = Path(directory) / f"{name}.txt" if directory else None
+    return (override if override is not None and override.is_file() else PROMPTS / f"{name}.txt").read_text(
+        encoding="utf-8")
+
+
 #: What an image sent to a judge may be, by its first bytes (anything else is refused, not sent).
 _IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"GIF87a": "gif", b"GIF89a": "gif"}
 

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mim.evaluation.interleaved.judge import Judge, image_data_url
+from mim.evaluation.interleaved.judge import Judge, image_data_url, judge_prompt
 from mim.evaluation.interleaved.records import BenchmarkFormatError, inside, read_benchmark
 from synth.atomic import atomic_write_text
 from synth.data.schema import IMAGE_PLACEHOLDER, escape_placeholders
 
 HUMAN = "Human"
-PROMPT = Path(__file__).parent / "prompts" / "opening_pairwise.txt"
 JUDGE_IMAGE_SIZE = (512, 512)  # GPT_judge_AB.encode_image resizes every image to this before sending it
 
 
@@ -241,7 +240,7 @@ def judge_battles(battles: list[dict], instances: list[OpenINGInstance], models:
     from tqdm import tqdm
 
     results_path = Path(results_path)
-    system = prompt if prompt is not None else PROMPT.read_text(encoding="utf-8")
+    system = prompt if prompt is not None else judge_prompt("opening_pairwise")
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else []
     done = {(r["data_id"], r["model_A"]["name"], r["model_B"]["name"]) for r in results}
     by_uid = {i.uid: i for i in instances}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mim.evaluation.cases import Case, RecordError, generate_isolated
 from mim.evaluation.interleaved import isg as isg_bench
 from mim.evaluation.interleaved import opening as opening_bench
-from mim.evaluation.interleaved.judge import Judge
+from mim.evaluation.interleaved.judge import Judge, judge_prompt
 from synth.atomic import atomic_write_text
 
 
@@ -50,10 +50,12 @@ def answer_prompts(prompts: list[tuple[str, str, list[Path]]], responder, save: 
 
 def run_opening(data: str | Path, responder, out_dir: str | Path, judge: Judge | None = None,
                 model_name: str = "MIM", opponents: dict[str, str] | None = None, battles_per_instance: int = 1,
-                prompt: str | None = None, max_items: int | None = None, batch_size: int = 8, seed: int = 0
+                prompts_dir: str | Path | None = None, max_items: int | None = None, batch_size: int = 8,
+                seed: int = 0
                 ) -> dict[str, Any]:
     """OpenING: answer every instance of ``data`` (``test_data.jsonl``), then, with a judge, battle the model
-    against the human reference (and ``opponents``: name -> a ``<MODEL>_output`` folder) and report win rates."""
+    against the human reference (and ``opponents``: name -> a ``<MODEL>_output`` folder) and report win rates.
+    ``prompts_dir``: a folder whose ``opening_pairwise.txt`` replaces our judge prompt."""
     out = Path(out_dir) / "opening"
     instances, rejected = opening_bench.load_opening(data)
     instances = instances[:max_items] if max_items is not None else instances
@@ -78,7 +80,7 @@ def run_opening(data: str | Path, responder, out_dir: str | Path, judge: Judge |
     battles = [b for b in battles if b["data_id"] in by_uid and b["model_A"]["name"] in models
                and b["model_B"]["name"] in models]
     results = opening_bench.judge_battles(battles, instances, models, judge, out / "judge_modelAB_results.json",
-                                          prompt, seed)
+                                          judge_prompt("opening_pairwise", prompts_dir), seed)
     report.update(battles=len(battles), judged=len(results), win_rates=opening_bench.win_rates(results))
     return report
 
