@@ -25,6 +25,30 @@ def test_the_world_is_deterministic_from_its_seed() -> None:
     assert render(first[0], 64).size == (64, 64)
 
 
+def test_the_world_conversations_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
+    """Each Python process salts str hashes anew (PYTHONHASHSEED), so a set of names iterates in another order
+    in each; the "which" questions once picked their described shape from such a set, and CI's evaluation
+    set was not the one a developer measured."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from synth.world.dialogues import write_conversations; "
+              "from synth.world.scenes import read_scenes, write_world; out = Path(sys.argv[1]); "
+              "scenes = read_scenes(write_world(out, 60, 7, 'train', 0.1, 32)); "
+              "write_conversations(scenes, out / 'conversations.jsonl', 60, 7)")
+    digests = set()
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / hash_seed
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        text = (out / "conversations.jsonl").read_bytes() + (out / "scenes.jsonl").read_bytes()
+        assert b"Which of these" in text
+        digests.add(hashlib.sha256(text).hexdigest())
+    assert len(digests) == 1
+
+
 def test_held_out_pairs_are_in_no_training_picture_or_caption_and_in_every_held_out_one() -> None:
     train = list(world_pairs(2000, 0, "train"))
     held = list(world_pairs(300, 0, "held_out"))

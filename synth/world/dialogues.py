@@ -71,7 +71,9 @@ def _single(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str
 
 def _which(scenes: list[Scene], rng: np.random.Generator) -> tuple[str, str, dict] | None:
     """A described shape that exactly one of the pictures holds."""
-    pairs = [{(o.colour, o.shape) for o in scene.objects} for scene in scenes]
+    # lists in drawing order, not sets: a set of strings iterates in an order PYTHONHASHSEED picks, and the
+    # candidates' order decides which one the seeded generator takes
+    pairs = [list(dict.fromkeys((o.colour, o.shape) for o in scene.objects)) for scene in scenes]
     candidates = [(index, pair) for index, own in enumerate(pairs) for pair in own
                   if sum(pair in other for other in pairs) == 1]
     if not candidates:
