@@ -115,6 +115,21 @@ def test_the_plan_refuses_what_it_cannot_run() -> None:
         WorldPlan(splits=["val"])
     with pytest.raises(ValueError, match="seed"):
         WorldPlan(seeds=[])
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['vision'\]"):
+        WorldPlan(stage2_part_learning_rates={"vision": 1e-3})
+
+
+def test_stage2_part_learning_rates_reach_the_model(tmp_path) -> None:
+    from mim.experiments.world import fit_config
+    from mim.modeling.mim_model import MIM
+
+    models = {"llm": {"preset": "tiny"}, "blip2": {"preset": "tiny"}}
+    plain = fit_config(tmp_path, "instruction", "language", 10, 1e-3, models, {}, 0, [])
+    assert "part_learning_rates" not in plain["model"]
+    config = fit_config(tmp_path, "instruction", "language", 10, 1e-3, models, {}, 0, [], {"qformer": 3e-3})
+    model_args = {k: v for k, v in config["model"].items() if k != "head"}
+    model = MIM(head=config["model"]["head"], **model_args)
+    assert model.hparams.part_learning_rates == {"qformer": 3e-3}
 
 
 def test_answers_keep_the_pooled_embedding_each_condition_asked_sdxl_for(tmp_path) -> None:

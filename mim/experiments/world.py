@@ -51,6 +51,9 @@ class WorldPlan:
     head_learning_rate: float = 1.0e-3
     stage2_steps: int = 4000
     stage2_learning_rate: float = 1.0e-3
+    #: stage 2's peak rates by part over ``stage2_learning_rate`` (``llm``, ``qformer``, ``head``: MIM's
+    #: ``part_learning_rates``); empty: one rate for all
+    stage2_part_learning_rates: dict[str, float] = field(default_factory=dict)
     batch_size: int = 8
     heads: list[str] = field(default_factory=lambda: list(HEADS))
     #: the MSE heads' Q-Former (GILL's mapper is 512 wide and 4 layers deep over a 4096-wide LLM; the world
@@ -75,6 +78,11 @@ class WorldPlan:
             raise ValueError(f"splits {self.splits}: choose among test, held_out, swapped")
         if not self.seeds:
             raise ValueError("seeds: give at least one")
+        from mim.modeling.mim_model import PARTS
+
+        if unknown := sorted(set(self.stage2_part_learning_rates) - set(PARTS)):
+            # said now, not after the parts and the synthesis have run
+            raise ValueError(f"stage2_part_learning_rates: unknown part(s) {unknown}; the parts are {list(PARTS)}")
 
 
 def _done(path: Path) -> dict | None:
@@ -219,7 +227,8 @@ def head_config(head: str, plan: WorldPlan | None = None, sdxl: Path | None = No
 
 
 def fit_config(run: Path, stage: str, head: str | dict, steps: int, learning_rate: float,
-               models: dict[str, dict], data: dict[str, Any], seed: int, init_from: list[str]) -> dict[str, Any]:
+               models: dict[str, dict], data: dict[str, Any], seed: int, init_from: list[str],
+               part_learning_rates: dict[str, float] | None = None) -> dict[str, Any]:
     """A ``mim fit`` config for one run of the experiment: ``models`` are the ``llm`` and ``blip2`` sources
     (the world's parts, or presets), checkpoints and CSV logs under ``run``; ``head`` a name of
     :data:`HEADS` (the language head) or a :func:`head_config`."""
@@ -234,7 +243,8 @@ def fit_config(run: Path, stage: str, head: str | dict, steps: int, learning_rat
                                                  "enable_version_counter": False}}]},
         "model": {"stage": stage, "head": head_config(head) if isinstance(head, str) else head,
                   "llm": models["llm"], "blip2": models["blip2"],
-                  "learning_rate": learning_rate, "warmup_ratio": 0.1, "init_from": init_from or None},
+                  "learning_rate": learning_rate, "warmup_ratio": 0.1, "init_from": init_from or None,
+                  **({"part_learning_rates": dict(part_learning_rates)} if part_learning_rates else {})},
         "data": data,
     }
 
@@ -519,7 +529,8 @@ def run_world(plan: WorldPlan) -> Path:
                 run / "stage2", "instruction", head, plan.stage2_steps, plan.stage2_learning_rate, models,
                 {"class_path": "datamodules.ConversationDataModule",
                  "init_args": {"train": [{"path": filtered["conversations_file"]}],
-                               "batch_size": plan.batch_size, "num_workers": 0, "seed": seed}}, seed, init))
+                               "batch_size": plan.batch_size, "num_workers": 0, "seed": seed}}, seed, init,
+                plan.stage2_part_learning_rates))
             evaluations.setdefault(name, {})[seed] = evaluate_run(checkpoint, files, run / "eval", plan,
                                                                   parts["sdxl"])
             export_world_mim(checkpoint, out / "mim" / f"{name}-seed{seed}", parts["sdxl"])
