@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mim.evaluation.held_out import (AnswerStore, ReferenceResponder, answer_cases, answer_metrics, blanked,
-                                     chosen_answer, replay_cases)
+from mim.evaluation.held_out import (AnswerStore, ReferenceResponder, answer_cases, answer_correctness,
+                                     answer_metrics, blanked, chosen_answer, replay_cases)
 from mim.inference.interleaved import GenerationResult, TextPart
 from synth.data.conversation_io import read_conversations
 from synth.world.dialogues import write_conversations
@@ -140,6 +140,14 @@ def test_answer_metrics_score_the_reference_perfectly_and_a_constant_at_its_rate
     expected = sum(case.answer["answer"] == "red" for case in keyed if case.answer["type"] == "colour")
     assert constant["colour"]["accuracy"] == expected / constant["colour"]["turns"]
     assert constant["count"]["accuracy"] < 1.0
+    # every turn right is no guess; "red" to every colour question is, at its share of red answers
+    assert table["all"]["p_chance"] < 1e-30
+    assert constant["colour"]["p_chance"] > 0.01
+    correct = answer_correctness([(case, store.records[(case.key, 0)]) for case in keyed])
+    assert set(correct) == {case.key for case in keyed}
+    assert all(correct[case.key] == (case.answer["answer"] == "red") for case in keyed
+               if case.answer["type"] == "colour")
+    assert sum(correct.values()) == round(constant["all"]["accuracy"] * constant["all"]["turns"])
 
 
 def test_evaluate_cases_adds_the_callers_metrics_from_the_answered_pairs(world, tmp_path: Path) -> None:

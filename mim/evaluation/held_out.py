@@ -289,25 +289,42 @@ def chosen_answer(text: str, choices: list[str]) -> str | None:
     return min(found)[1] if found else None
 
 
-def answer_metrics(pairs: list[tuple[Case, dict]]) -> dict[str, Any] | None:
-    """Accuracy on turns whose record has an answer key (``meta.answers``: ``turn``, ``type``, ``answer``,
-    ``choices``), by question type, next to chance (one over the number of choices). None when no turn
-    has a key. Any dataset with such keys can use it (the world's conversations have them)."""
-    by_type: dict[str, list[tuple[bool, float]]] = {}
+def _answer_rows(pairs: list[tuple[Case, dict]]) -> list[tuple[Case, bool, float]]:
+    """Each keyed turn: whether its reply chose the key's answer, and the chance of guessing it."""
+    rows = []
     for case, answer in pairs:
         key = case.answer
-        if not key or not key.get("choices"):
-            continue
-        right = chosen_answer(answer["text"], [str(c) for c in key["choices"]]) == str(key["answer"])
-        by_type.setdefault(str(key.get("type", "answer")), []).append((right, 1 / len(key["choices"])))
+        if key and key.get("choices"):
+            right = chosen_answer(answer["text"], [str(c) for c in key["choices"]]) == str(key["answer"])
+            rows.append((case, right, 1 / len(key["choices"])))
+    return rows
+
+
+def answer_correctness(pairs: list[tuple[Case, dict]]) -> dict[str, bool]:
+    """Whether each keyed turn (by case key) was answered right: what a paired test of two runs compares."""
+    return {case.key: right for case, right, _ in _answer_rows(pairs)}
+
+
+def answer_metrics(pairs: list[tuple[Case, dict]]) -> dict[str, Any] | None:
+    """Accuracy on turns whose record has an answer key (``meta.answers``: ``turn``, ``type``, ``answer``,
+    ``choices``), by question type, next to chance (one over the number of choices) and the exact p-value of
+    doing that well by guessing (``p_chance``). None when no turn has a key. Any dataset with such keys can
+    use it (the world's conversations have them)."""
+    from mim.evaluation.significance import above_chance_p
+
+    by_type: dict[str, list[tuple[bool, float]]] = {}
+    for case, right, chance in _answer_rows(pairs):
+        by_type.setdefault(str(case.answer.get("type", "answer")), []).append((right, chance))
     if not by_type:
         return None
-    table = {kind: {"accuracy": sum(r for r, _ in rows) / len(rows), "chance": sum(c for _, c in rows) / len(rows),
-                    "turns": len(rows)} for kind, rows in sorted(by_type.items())}
-    every = [row for rows in by_type.values() for row in rows]
-    table["all"] = {"accuracy": sum(r for r, _ in every) / len(every), "chance": sum(c for _, c in every) / len(every),
-                    "turns": len(every)}
-    return table
+    by_type["all"] = [row for rows in by_type.values() for row in rows]
+
+    def row(rows: list[tuple[bool, float]]) -> dict[str, Any]:
+        rights, chances = [r for r, _ in rows], [c for _, c in rows]
+        return {"accuracy": sum(rights) / len(rows), "chance": sum(chances) / len(rows), "turns": len(rows),
+                "p_chance": above_chance_p(rights, chances)}
+
+    return {kind: row(by_type[kind]) for kind in [*sorted(k for k in by_type if k != "all"), "all"]}
 
 
 def drawing_metrics(pairs: list[tuple[Case, dict]]) -> dict[str, Any]:
@@ -452,9 +469,10 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     lines = ["# Evaluation", ""] + [f"> {note}" for note in report["notes"]] + [""]
     answers = report.get("answers")
     if answers:
-        lines += ["## answers (turns with an answer key)", "", "| type | accuracy | chance | turns |", "|---|---|---|---|"]
-        lines += [f"| {kind} | {row['accuracy']:.3f} | {row['chance']:.3f} | {row['turns']} |"
-                  for kind, row in answers.items()]
+        lines += ["## answers (turns with an answer key)", "",
+                  "| type | accuracy | chance | turns | p (as good by guessing) |", "|---|---|---|---|---|"]
+        lines += [f"| {kind} | {row['accuracy']:.3f} | {row['chance']:.3f} | {row['turns']} | "
+                  f"{row['p_chance']:.2g} |" for kind, row in answers.items()]
         lines.append("")
     for section in ("text", "drawing", "images"):
         values = report.get(section) or {}
