@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mim.experiments.world import WorldPlan, caption_retrieval, interval, summarise
+from mim.experiments.world import WorldPlan, blank_controls, caption_retrieval, interval, summarise
 from synth.world.dialogues import ORDINALS, swapped_which, write_conversations
 from synth.world.parts import calibrate_threshold
 from synth.world.scenes import read_scenes, write_world
@@ -151,3 +151,12 @@ def test_answers_keep_the_pooled_embedding_each_condition_asked_sdxl_for(tmp_pat
     store.add(Case("c/1", "c", 1, [], ""), 0, result, 0.1)
     record = json.loads((tmp_path / "answers.jsonl").read_text())
     assert record["pooled"] == [[0.5, -1.25], None] and record["descriptions"] == [None, "a red square"]
+
+
+def test_blank_controls_gather_each_seeds_paired_p_by_split() -> None:
+    def run(p_seen: float, p_held: float) -> dict:
+        return {"test": {}, "test_blank": {"pictures_matter": {"p": p_seen}},
+                "held_out": {}, "held_out_blank": {"pictures_matter": {"p": p_held}}, "swapped": {}}
+
+    controls = blank_controls({"language": {0: run(1e-9, 0.2), 1: run(3e-7, 0.04)}})
+    assert controls == {"language": {"test": [1e-9, 3e-7], "held_out": [0.2, 0.04]}}

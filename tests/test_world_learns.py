@@ -1,6 +1,8 @@
 """The world experiment, small: world-pretrained parts, the match filter and stage 2 on a CPU, and a MIM
 that answers from its pictures (far above chance) and not from its language prior (blanked pictures fall
-to chance). One run (about three minutes on 2 cores) serves every test here.
+to chance). One run (about three minutes on 2 cores) serves every test here. The thresholds are exact
+tests, not fixed gaps: a fixed gap of 0.15 between seen and blanked failed on another machine whose
+evaluation set (then drawn in a PYTHONHASHSEED-dependent order) was harder.
 
 Stage 1 is skipped here (``stage1_steps=0``): measured, 300 steps of it change nothing stage 2 can use in
 this budget (the caption loss with the right pictures is 0.03 nats below that with shuffled ones), while
@@ -15,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SMOKE = dict(scenes=1500, calibration_scenes=200, conversations=2000, eval_scenes=150, eval_conversations=110,
+SMOKE = dict(scenes=1500, calibration_scenes=200, conversations=2000, eval_scenes=300, eval_conversations=220,
              llm_steps=400, clip_steps=250, tower_steps=250, stage1_steps=0, head_steps=0, stage2_steps=1000,
              seeds=[0], splits=["test"], heads=["language"])
 
@@ -46,13 +48,18 @@ def test_the_world_clip_rejects_the_mismatched_pairs(experiment) -> None:
 
 
 def test_the_mim_answers_from_its_pictures(experiment) -> None:
+    """Far above chance, and by more than guessing explains (p < 1e-6); the blank control near chance; and the
+    same turns go better with their pictures than blanked (exact paired test, p < 1e-4). Measured with
+    training seeds 0, 1, 2 on these 360 turns: 0.54-0.59 against chance 0.30 (p 1e-23 to 3e-31), blanked
+    0.28-0.31, paired p 6e-16 to 2e-18. At 174 turns the paired p was 3e-4 for seed 0: why the set grew."""
     evaluation = _evaluation(experiment[1])
     seen, blank = evaluation["test"]["answers"]["all"], evaluation["test_blank"]["answers"]["all"]
-    assert seen["turns"] >= 130
-    assert seen["accuracy"] >= seen["chance"] + 0.15, evaluation["test"]["answers"]
+    assert seen["turns"] >= 300
+    assert seen["accuracy"] >= seen["chance"] + 0.15 and seen["p_chance"] < 1e-6, evaluation["test"]["answers"]
     # the language-prior control: the same questions with grey pictures
     assert abs(blank["accuracy"] - blank["chance"]) <= 0.1, evaluation["test_blank"]["answers"]
-    assert seen["accuracy"] >= blank["accuracy"] + 0.15
+    paired = evaluation["test_blank"]["pictures_matter"]
+    assert paired["turns"] == seen["turns"] and paired["p"] < 1e-4, paired
 
 
 def test_the_world_parts_load_through_model_sources_and_the_mim_chats(experiment) -> None:

@@ -318,7 +318,8 @@ def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: Worl
                  ) -> dict[str, Any]:
     """Answer keys on seen and held-out pictures, blanked, and with the "which" pictures reversed; the draw
     requests' conditions retrieved among the split's captions."""
-    from mim.evaluation.held_out import ModelResponder, evaluate_cases, replay_cases
+    from mim.evaluation.held_out import ModelResponder, answer_correctness, evaluate_cases, replay_cases
+    from mim.evaluation.significance import paired_p
     from mim.inference.interleaved import GenerationSettings
     from mim.modeling.directory import load_model
     from synth.model_parts.sdxl import build_sdxl
@@ -336,13 +337,19 @@ def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: Worl
         cases, _ = replay_cases([str(files[name])], max_cases=plan.max_cases)
         # the split's own captions are the library a drawn caption must find its request in
         captions = [s.caption for s in read_scenes(files[name].parent / "scenes.jsonl").values()]
+        correct: dict[str, bool] = {}  # the split's turns answered right with their pictures
         for blank in ((False, True) if name != "swapped" else (False,)):
             label = f"{name}{'_blank' if blank else ''}"
-            metrics = {} if blank else {"retrieval": lambda pairs: caption_retrieval(pairs, captions, pipeline)}
+            metrics = {"correct": answer_correctness}
+            if not blank:
+                metrics["retrieval"] = lambda pairs: caption_retrieval(pairs, captions, pipeline)
             report = evaluate_cases(cases, ModelResponder(model, pipeline, settings=settings, blank_images=blank),
                                     out / label, metrics=metrics)
             results[label] = {"answers": report["answers"], "drawing": report["drawing"],
                               "retrieval": report.get("retrieval")}
+            if blank:  # the control, paired: do the same turns go better with their pictures than without?
+                results[label]["pictures_matter"] = paired_p(correct, report["correct"])
+            correct = report["correct"]
     return _write(out / "evaluation.json", results)
 
 
@@ -394,6 +401,15 @@ def summarise(evaluations: dict[str, dict[int, dict]]) -> dict[str, Any]:
                 table[f"{label}/r_at_5"] = interval([v["r_at_5"] for v in retrieval])
         summary[head] = table
     return summary
+
+
+def blank_controls(evaluations: dict[str, dict[int, dict]]) -> dict[str, dict[str, list[float]]]:
+    """Per head and split, each seed's exact one-sided p-value that the pictures change nothing (the same
+    turns answered with and without them, :func:`paired_p`)."""
+    return {head: {label.removesuffix("_blank"): [run[label]["pictures_matter"]["p"] for run in by_seed.values()]
+                   for label in next(iter(by_seed.values())) if label.endswith("_blank")
+                   and all("pictures_matter" in run[label] for run in by_seed.values())}
+            for head, by_seed in evaluations.items()}
 
 
 def head_comparison(summary: dict[str, Any]) -> dict[str, Any]:
@@ -462,6 +478,14 @@ def write_report(out: Path, plan: WorldPlan, summary: dict[str, Any], steps: dic
             chance = next((f"{c['chance']:.2f}" for c in cells if c and "chance" in c), "-")
             lines.append(f"| {row} | {chance} | " + " | ".join(
                 f"{c['mean']:.2f} +- {c['half_width']:.2f}" if c else "-" for c in cells) + " |")
+        lines.append("")
+    controls = steps.get("pictures_matter") or {}
+    if controls:
+        lines += ["## Do the answers come from the pictures?", "",
+                  "Each seed's exact one-sided McNemar p-value that the same turns go no better with their "
+                  "pictures than with them blanked:", ""]
+        lines += [f"- {head}, {split}: " + ", ".join(f"{p:.1g}" for p in values)
+                  for head, by_split in controls.items() for split, values in by_split.items()]
         lines.append("")
     lines += ["## The heads compared (the paper's finding, section 5.1)", "",
               f"The paper's finding (the MSE heads generalise poorly, the language description works) "
@@ -535,7 +559,8 @@ def run_world(plan: WorldPlan) -> Path:
                                                                   parts["sdxl"])
             export_world_mim(checkpoint, out / "mim" / f"{name}-seed{seed}", parts["sdxl"])
     report = write_report(out, plan, summarise(evaluations),
-                          {"filter": filtered, "seconds": time.perf_counter() - start})
+                          {"filter": filtered, "pictures_matter": blank_controls(evaluations),
+                           "seconds": time.perf_counter() - start})
     print(f"world report: {report}")
     return report
 
