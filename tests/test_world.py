@@ -251,3 +251,25 @@ def test_the_world_sdxl_encodes_captions_into_the_world_clips_space(tmp_path: Pa
     features = getattr(features, "pooler_output", features)
     assert torch.allclose(pooled, features, atol=1e-5)
     assert not torch.allclose(pooled[0], pooled[1])
+
+
+def test_the_layout_objective_runs_and_a_tower_cached_otherwise_is_refused(tmp_path: Path) -> None:
+    import torch
+    from transformers import CLIPModel
+
+    from synth.model_parts import build_blip2
+    from synth.model_parts.clip import tiny_clip_config
+    from synth.world.parts import MARKER, WORLD_IMAGE_SIZE, pretrain_vision_tower, world_clip_processor
+
+    torch.manual_seed(0)
+    processor = world_clip_processor()
+    CLIPModel(tiny_clip_config(len(processor.tokenizer), image_size=WORLD_IMAGE_SIZE)).save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    scenes = list(read_scenes(write_world(tmp_path / "pictures", 24, 0, "train")).values())
+    tower = pretrain_vision_tower(tmp_path / "blip2", tmp_path / "clip", scenes, tmp_path / "pictures", steps=6,
+                                  batch_size=8, layout_weight=1.0)
+    record = json.loads((tower / MARKER).read_text())
+    assert record["layout_weight"] == 1.0 and record["qformer_trained"]
+    assert build_blip2({"pretrained": str(tower)}).qformer is not None  # what MIM reads; the decoder is not kept
+    with pytest.raises(ValueError, match="layout_weight 1.0, not 0.0: give another out_dir"):
+        pretrain_vision_tower(tmp_path / "blip2", tmp_path / "clip", scenes, tmp_path / "pictures", steps=6)

@@ -45,6 +45,8 @@ class WorldPlan:
     clip_steps: int = 600
     tower_steps: int = 600
     pretrain_qformer: bool = True  # BLIP-2's image-text contrastive stage for the Q-Former, with the tower
+    #: > 0 also trains the Q-Former to keep the patch layout (synth.world.parts.pretrain_vision_tower); not BLIP-2's
+    qformer_layout_weight: float = 0.0
     stage1_steps: int = 1000  # 0 skips stage 1 (stage 2 then starts from a new projection)
     stage1_learning_rate: float = 2.0e-3
     head_steps: int = 200
@@ -141,7 +143,8 @@ def build_parts(plan: WorldPlan, files: dict[str, Path]) -> dict[str, Path]:
     clip = pretrain_clip(parts / "clip", train, files["train"].parent, calibration, files["calibration"].parent,
                          plan.clip_steps, seed=plan.world_seed)
     blip2 = pretrain_vision_tower(parts / "blip2", clip, train, files["train"].parent, plan.tower_steps,
-                                  seed=plan.world_seed, train_qformer=plan.pretrain_qformer)
+                                  seed=plan.world_seed, train_qformer=plan.pretrain_qformer,
+                                  layout_weight=plan.qformer_layout_weight)
     sdxl = build_world_sdxl(parts / "sdxl", clip, seed=plan.world_seed)
     return {"llm": llm, "clip": clip, "blip2": blip2, "sdxl": sdxl}
 

@@ -259,10 +259,17 @@ def world_blip2_config(num_query_tokens: int = 32):
 
 def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.PathLike[str], scenes: list[Scene],
                           image_folder: str | os.PathLike[str], steps: int = 600, batch_size: int = 64,
-                          learning_rate: float = 2e-3, seed: int = 0, train_qformer: bool = True) -> Path:
+                          learning_rate: float = 2e-3, seed: int = 0, train_qformer: bool = True,
+                          layout_weight: float = 0.0) -> Path:
     """A BLIP-2 vision model and Q-Former trained to meet the world CLIP's frozen caption features, saved as a
     BLIP-2 directory that :func:`synth.model_parts.blip2.build_blip2` reads. ``train_qformer=False`` leaves the
-    Q-Former and queries at their random start (a new Q-Former, which stages 1 and 2 then train)."""
+    Q-Former and queries at their random start (a new Q-Former, which stages 1 and 2 then train).
+
+    ``layout_weight`` > 0 adds a second Q-Former objective, not BLIP-2's: rebuild every patch state of the
+    tower from the query outputs alone (one cross-attention from a learned query per patch position, mean
+    squared error against the tower's states, detached). Captions never say where a thing is, so the
+    contrastive objective alone lets the queries drop it; this one makes them keep the patch layout. Off by
+    default: the paper's Q-Former is BLIP-2's."""
     from safetensors.torch import save_file
     from synth.model_parts.blip2 import _image_processor
     from synth.model_parts.clip import build_clip
@@ -270,6 +277,10 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
 
     out = Path(out_dir)
     if is_trained(out):
+        record = json.loads((out / MARKER).read_text())
+        if record.get("layout_weight", 0.0) != layout_weight:  # a cached tower trained otherwise: never reuse it
+            raise ValueError(f"{out} holds a vision tower trained with layout_weight "
+                             f"{record.get('layout_weight', 0.0)}, not {layout_weight}: give another out_dir")
         return out
     torch.manual_seed(seed)
     matched = [scene for scene in scenes if not scene.mismatched]
@@ -287,6 +298,13 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
     tower_head = torch.nn.Linear(config.vision_config.hidden_size, targets.shape[-1])
     query_head = torch.nn.Linear(config.qformer_config.hidden_size, targets.shape[-1])
     scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    layout: list[torch.nn.Module] = []
+    if layout_weight:  # built only when asked: its initialisation would move the random stream of the default
+        # the layout decoder (dropped after training): a learned query per tower state reads the Q-Former outputs
+        patches = (WORLD_IMAGE_SIZE // config.vision_config.patch_size) ** 2 + 1
+        layout = [torch.nn.ParameterList([torch.randn(1, patches, config.qformer_config.hidden_size) * init]),
+                  torch.nn.MultiheadAttention(config.qformer_config.hidden_size, 4, batch_first=True),
+                  torch.nn.Linear(config.qformer_config.hidden_size, config.vision_config.hidden_size)]
     processor = _image_processor(WORLD_IMAGE_SIZE)
     pixels = processor(images=_pictures(matched, Path(image_folder)), return_tensors="pt")["pixel_values"]
     start = time.perf_counter()
@@ -302,17 +320,26 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
         tower_loss = _symmetric_infonce(tower_head(states.mean(1)), targets[index], logit_scale)
         # the Q-Former: BLIP-2's image-text contrastive stage (its section 3.2, ITC): each caption is scored
         # against its best-matching query, so the queries learn to carry what captions say
-        queries = qformer(query_embeds=query_tokens.expand(len(index), -1, -1),
+        outputs = qformer(query_embeds=query_tokens.expand(len(index), -1, -1),
                           encoder_hidden_states=states).last_hidden_state  # (B, Q, Dq)
-        queries = torch.nn.functional.normalize(query_head(queries), dim=-1)
+        queries = torch.nn.functional.normalize(query_head(outputs), dim=-1)
         similarity = torch.einsum("iqd,jd->ijq", queries, text).amax(-1) * logit_scale  # (B images, B texts)
         target = torch.arange(len(index))
         query_loss = (torch.nn.functional.cross_entropy(similarity, target)
                       + torch.nn.functional.cross_entropy(similarity.T, target)) / 2
-        return tower_loss + query_loss if train_qformer else tower_loss
+        if not train_qformer:
+            return tower_loss
+        if layout:
+            layout_queries, layout_reader, layout_head = layout
+            read, _ = layout_reader(layout_queries[0].expand(len(index), -1, -1), outputs, outputs,
+                                    need_weights=False)
+            target_states = torch.nn.functional.layer_norm(states.detach(), states.shape[-1:])
+            query_loss = query_loss + layout_weight * torch.nn.functional.mse_loss(layout_head(read), target_states)
+        return tower_loss + query_loss
 
     parameters = [*tower.parameters(), *qformer.parameters(), query_tokens, *tower_head.parameters(),
                   *query_head.parameters(), scale]
+    parameters += [parameter for module in layout for parameter in module.parameters()]
     losses = _contrastive(steps, batch_size, len(matched), parameters, "world vision tower + Q-Former", step_loss,
                           learning_rate, seed)
     tower.eval()
@@ -325,7 +352,8 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
                "query_tokens": query_tokens.contiguous()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     processor.save_pretrained(out)
-    _mark(out, {"part": "blip2", "steps": steps, "qformer_trained": train_qformer, "pairs": len(matched), "final_loss": float(np.mean(losses[-50:])),
+    _mark(out, {"part": "blip2", "steps": steps, "qformer_trained": train_qformer, "layout_weight": layout_weight,
+                "pairs": len(matched), "final_loss": float(np.mean(losses[-50:])),
                 "seconds": round(time.perf_counter() - start, 1), "seed": seed})
     return out
 
