@@ -253,7 +253,7 @@ def test_the_world_sdxl_encodes_captions_into_the_world_clips_space(tmp_path: Pa
     assert not torch.allclose(pooled[0], pooled[1])
 
 
-def test_the_layout_objective_runs_and_a_tower_cached_otherwise_is_refused(tmp_path: Path) -> None:
+def test_the_layout_objective_runs_and_a_part_cached_with_other_settings_is_refused(tmp_path: Path) -> None:
     import torch
     from transformers import CLIPModel
 
@@ -273,3 +273,10 @@ def test_the_layout_objective_runs_and_a_tower_cached_otherwise_is_refused(tmp_p
     assert build_blip2({"pretrained": str(tower)}).qformer is not None  # what MIM reads; the decoder is not kept
     with pytest.raises(ValueError, match="layout_weight 1.0, not 0.0: give another out_dir"):
         pretrain_vision_tower(tmp_path / "blip2", tmp_path / "clip", scenes, tmp_path / "pictures", steps=6)
+    with pytest.raises(ValueError, match="trained with steps 6, not 9: give another out_dir"):
+        pretrain_vision_tower(tmp_path / "blip2", tmp_path / "clip", scenes, tmp_path / "pictures", steps=9,
+                              batch_size=8, layout_weight=1.0)
+    mtime = (tower / "model.safetensors").stat().st_mtime_ns
+    assert pretrain_vision_tower(tmp_path / "blip2", tmp_path / "clip", scenes, tmp_path / "pictures", steps=6,
+                                 batch_size=8, layout_weight=1.0) == tower  # the same settings: reused
+    assert (tower / "model.safetensors").stat().st_mtime_ns == mtime

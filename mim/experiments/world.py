@@ -125,15 +125,15 @@ def build_parts(plan: WorldPlan, files: dict[str, Path]) -> dict[str, Path]:
     """The world LLM, CLIP and vision tower (cached in ``out_dir/parts``)."""
     from synth.model_parts.text_tokenizers import tiny_llama_tokenizer
     from synth.world.dialogues import write_conversations
-    from synth.world.parts import (build_world_sdxl, is_trained, pretrain_clip, pretrain_language_model,
-                                   pretrain_vision_tower, world_texts)
+    from synth.world.parts import (build_world_sdxl, pretrain_clip, pretrain_language_model, pretrain_vision_tower,
+                                   trained_with, world_texts)
     from synth.world.scenes import read_scenes
 
     parts = Path(plan.out_dir) / "parts"
     train = [s for s in read_scenes(files["train"]).values() if not s.mismatched]
     calibration = list(read_scenes(files["calibration"]).values())
     llm = parts / "llm"
-    if not is_trained(llm):  # the corpus is built only when the LLM is to be trained
+    if not trained_with(llm, steps=plan.llm_steps, seed=plan.world_seed):  # the corpus only if it is to be trained
         # the LLM reads the world's text: captions, and dialogues about training pictures (their own draw)
         text_file = write_conversations({s.id: s for s in train}, parts / "llm_dialogues.jsonl",
                                         plan.conversations, plan.world_seed + 7, prefix="text")

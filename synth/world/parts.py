@@ -46,6 +46,24 @@ def is_trained(folder: str | os.PathLike[str]) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
+#: what a marker written before a setting existed was trained with
+_BEFORE_RECORDED = {"layout_weight": 0.0}
+
+
+def trained_with(folder: str | os.PathLike[str], **settings: Any) -> bool:
+    """Whether ``folder`` holds a finished part trained with ``settings`` (as its marker records them). A part
+    trained otherwise is refused, not reused: a rerun that changes a budget must not silently keep the old part."""
+    if not is_trained(folder):
+        return False
+    record = json.loads((Path(folder) / MARKER).read_text())
+    differing = [f"{key} {record.get(key, _BEFORE_RECORDED.get(key))}, not {value}" for key, value in settings.items()
+                 if record.get(key, _BEFORE_RECORDED.get(key)) != value]
+    if differing:
+        raise ValueError(f"{folder} holds a {record.get('part', 'part')} trained with {'; '.join(differing)}: "
+                         "give another out_dir (or delete the folder to train it again)")
+    return True
+
+
 def _mark(folder: Path, record: dict[str, Any]) -> None:
     from synth.atomic import atomic_write_text
 
@@ -90,7 +108,7 @@ def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], s
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
-    if is_trained(out):
+    if trained_with(out, steps=steps, seed=seed):
         return out
     torch.manual_seed(seed)
     tokenizer = tiny_llama_tokenizer()
@@ -184,7 +202,7 @@ def pretrain_clip(out_dir: str | os.PathLike[str], scenes: list[Scene], image_fo
     from transformers import CLIPModel
 
     out = Path(out_dir)
-    if is_trained(out):
+    if trained_with(out, steps=steps, seed=seed):
         return out
     torch.manual_seed(seed)
     matched = [scene for scene in scenes if not scene.mismatched]
@@ -276,11 +294,7 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
     from transformers import Blip2QFormerModel, Blip2VisionModel
 
     out = Path(out_dir)
-    if is_trained(out):
-        record = json.loads((out / MARKER).read_text())
-        if record.get("layout_weight", 0.0) != layout_weight:  # a cached tower trained otherwise: never reuse it
-            raise ValueError(f"{out} holds a vision tower trained with layout_weight "
-                             f"{record.get('layout_weight', 0.0)}, not {layout_weight}: give another out_dir")
+    if trained_with(out, steps=steps, seed=seed, qformer_trained=train_qformer, layout_weight=layout_weight):
         return out
     torch.manual_seed(seed)
     matched = [scene for scene in scenes if not scene.mismatched]
@@ -372,7 +386,7 @@ def build_world_sdxl(out_dir: str | os.PathLike[str], clip_dir: str | os.PathLik
     from synth.model_parts.sdxl import tiny_sdxl_components
 
     out = Path(out_dir)
-    if is_trained(out):
+    if trained_with(out, seed=seed):
         return out
     clip = CLIPModel.from_pretrained(clip_dir)
     text_config = clip.config.text_config
