@@ -51,6 +51,35 @@ def test_alignment_trains_only_qformer_queries_and_projection() -> None:
     assert not model.vision_model.training and not model.llm.training and model.qformer.training
 
 
+def test_alignment_trains_the_llm_only_when_told_and_stage2_starts_from_it(tmp_path: Path) -> None:
+    """``alignment_trains_llm`` (for an LLM too small for a soft prompt to steer): the LLM trains in stage 1,
+    its weights are in the stage-1 checkpoint, and stage 2 starts from them; never the vision encoder."""
+    model = tiny_mim(stage="alignment", alignment_trains_llm=True)
+    assert trainable_prefixes(model) == {"qformer", "query_tokens", "projection", "llm"}
+    assert model.llm.training and not model.vision_model.training
+    with pytest.raises(ValueError, match="alignment_trains_llm applies to stage 1"):
+        tiny_mim(stage="instruction", alignment_trains_llm=True)
+
+    from datamodules import CaptionDataModule
+    from synth.selection.ingest import IngestSource, ingest, write_ingest
+
+    L.seed_everything(0)
+    write_ingest(ingest([IngestSource(kind="samples")]), tmp_path / "ingest")
+    data = CaptionDataModule(train=[str(tmp_path / "ingest" / "pairs.jsonl")], batch_size=2, num_workers=0)
+    start = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "stage1.ckpt")
+    state = torch.load(tmp_path / "stage1.ckpt", weights_only=True)["state_dict"]
+    assert {k.split(".")[0] for k in state} == {"qformer", "query_tokens", "projection", "llm"}
+    moved = [k for k, v in model.llm.state_dict().items() if not torch.equal(v, start[k])]
+    assert moved  # the LLM did train
+    stage2 = tiny_mim(init_from=str(tmp_path / "stage1.ckpt"))
+    for name in moved:
+        torch.testing.assert_close(stage2.llm.state_dict()[name], model.llm.state_dict()[name], rtol=0, atol=0)
+
+
 def test_instruction_trains_llm_and_head_but_never_the_vision_encoder(model: MIM) -> None:
     assert trainable_prefixes(model) == {"qformer", "query_tokens", "projection", "llm", "head"}
     assert all(p.requires_grad for p in model.llm.parameters())
