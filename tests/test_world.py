@@ -253,6 +253,60 @@ def test_the_world_sdxl_encodes_captions_into_the_world_clips_space(tmp_path: Pa
     assert not torch.allclose(pooled[0], pooled[1])
 
 
+def test_the_caption_objective_trains_the_queries_and_is_recorded(tmp_path: Path) -> None:
+    """BLIP-2's ITG beside ITC: the decoder sees the picture only through the query outputs, its loss reaches
+    the Q-Former and the tower, pads are not scored, and the part records the weight it was trained with."""
+    import torch
+    from transformers import CLIPModel
+
+    from synth.model_parts.clip import tiny_clip_config
+    from synth.world.parts import MARKER, WORLD_IMAGE_SIZE, _caption_decoder, _caption_loss, pretrain_vision_tower
+    from synth.world.parts import world_clip_processor
+
+    torch.manual_seed(0)
+    processor = world_clip_processor()
+    decoder, captions = _caption_decoder(processor.tokenizer, ["a red square", "two shapes : a large blue circle "
+                                                               "and a small green diamond on white"], 32)
+    assert captions["attention_mask"][0].sum() < captions["attention_mask"][1].sum()  # the first one is padded
+    queries = torch.randn(2, 4, 32, requires_grad=True)
+    loss = _caption_loss(decoder, queries, captions, torch.tensor([0, 1]))
+    loss.backward()
+    assert queries.grad.abs().sum() > 0  # the caption is written from the queries
+    with torch.no_grad():  # a pad token in the label would change the loss; pads' ids are not scored
+        padded = {k: v.clone() for k, v in captions.items()}
+        padded["input_ids"][0, captions["attention_mask"][0] == 0] = 7
+        torch.testing.assert_close(_caption_loss(decoder, queries[:1], padded, torch.tensor([0])),
+                                   _caption_loss(decoder, queries[:1], captions, torch.tensor([0])))
+        other = _caption_loss(decoder, torch.randn(2, 4, 32), captions, torch.tensor([0, 1]))
+    assert not torch.isclose(other, loss)  # and from nothing else
+
+    CLIPModel(tiny_clip_config(len(processor.tokenizer), image_size=WORLD_IMAGE_SIZE)).save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(tmp_path / "clip")
+    scenes = list(read_scenes(write_world(tmp_path / "pictures", 24, 0, "train")).values())
+    tower = pretrain_vision_tower(tmp_path / "blip2", tmp_path / "clip", scenes, tmp_path / "pictures", steps=4,
+                                  batch_size=8, caption_weight=1.0)
+    assert json.loads((tower / MARKER).read_text())["caption_weight"] == 1.0
+    with pytest.raises(ValueError, match="caption_weight 1.0, not 0.0: give another out_dir"):
+        pretrain_vision_tower(tmp_path / "blip2", tmp_path / "clip", scenes, tmp_path / "pictures", steps=4,
+                              batch_size=8)
+
+
+def test_the_world_llm_takes_its_size_and_a_cached_one_of_another_size_is_refused(tmp_path: Path) -> None:
+    from synth.model_parts import build_llm
+    from synth.model_parts.llm import tiny_llama_config
+    from synth.world.parts import pretrain_language_model
+
+    texts = ["a large red square on a white background"] * 64
+    llm = pretrain_language_model(tmp_path / "llm", texts, steps=2, batch_size=2, block=16, hidden_size=32,
+                                  layers=3)
+    config = build_llm({"pretrained": str(llm)}).model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 3, 2)
+    with pytest.raises(ValueError, match="hidden_size 32, not 64"):
+        pretrain_language_model(tmp_path / "llm", texts, steps=2, batch_size=2, block=16)
+    with pytest.raises(ValueError, match="positive multiple of 16"):
+        tiny_llama_config(100, hidden_size=40)
+
+
 def test_the_layout_objective_runs_and_a_part_cached_with_other_settings_is_refused(tmp_path: Path) -> None:
     import torch
     from transformers import CLIPModel

@@ -42,13 +42,20 @@ class WorldPlan:
     eval_scenes: int = 300
     eval_conversations: int = 200
     llm_steps: int = 800
+    #: the world LLM's width and depth (the tiny preset's 64 x 2 by default)
+    llm_hidden_size: int = 64
+    llm_layers: int = 2
     clip_steps: int = 600
     tower_steps: int = 600
     pretrain_qformer: bool = True  # BLIP-2's image-text contrastive stage for the Q-Former, with the tower
     #: > 0 also trains the Q-Former to keep the patch layout (synth.world.parts.pretrain_vision_tower); not BLIP-2's
     qformer_layout_weight: float = 0.0
+    #: > 0 adds BLIP-2's image-grounded caption generation (ITG) to the Q-Former's pre-training
+    qformer_caption_weight: float = 0.0
     stage1_steps: int = 1000  # 0 skips stage 1 (stage 2 then starts from a new projection)
     stage1_learning_rate: float = 2.0e-3
+    #: stage 1 trains the LLM too (MIM's ``alignment_trains_llm``; the paper freezes it)
+    stage1_trains_llm: bool = False
     head_steps: int = 200
     head_learning_rate: float = 1.0e-3
     stage2_steps: int = 4000
@@ -133,18 +140,20 @@ def build_parts(plan: WorldPlan, files: dict[str, Path]) -> dict[str, Path]:
     train = [s for s in read_scenes(files["train"]).values() if not s.mismatched]
     calibration = list(read_scenes(files["calibration"]).values())
     llm = parts / "llm"
-    if not trained_with(llm, steps=plan.llm_steps, seed=plan.world_seed):  # the corpus only if it is to be trained
+    if not trained_with(llm, steps=plan.llm_steps, seed=plan.world_seed, hidden_size=plan.llm_hidden_size,
+                        layers=plan.llm_layers):  # the corpus only if it is to be trained
         # the LLM reads the world's text: captions, and dialogues about training pictures (their own draw)
         text_file = write_conversations({s.id: s for s in train}, parts / "llm_dialogues.jsonl",
                                         plan.conversations, plan.world_seed + 7, prefix="text")
         dialogues = [json.loads(line) for line in text_file.read_text().splitlines() if line.strip()]
         pretrain_language_model(llm, world_texts(train, dialogues, tiny_llama_tokenizer()), plan.llm_steps,
-                                seed=plan.world_seed)
+                                seed=plan.world_seed, hidden_size=plan.llm_hidden_size, layers=plan.llm_layers)
     clip = pretrain_clip(parts / "clip", train, files["train"].parent, calibration, files["calibration"].parent,
                          plan.clip_steps, seed=plan.world_seed)
     blip2 = pretrain_vision_tower(parts / "blip2", clip, train, files["train"].parent, plan.tower_steps,
                                   seed=plan.world_seed, train_qformer=plan.pretrain_qformer,
-                                  layout_weight=plan.qformer_layout_weight)
+                                  layout_weight=plan.qformer_layout_weight,
+                                  caption_weight=plan.qformer_caption_weight)
     sdxl = build_world_sdxl(parts / "sdxl", clip, seed=plan.world_seed)
     return {"llm": llm, "clip": clip, "blip2": blip2, "sdxl": sdxl}
 
@@ -231,7 +240,8 @@ def head_config(head: str, plan: WorldPlan | None = None, sdxl: Path | None = No
 
 def fit_config(run: Path, stage: str, head: str | dict, steps: int, learning_rate: float,
                models: dict[str, dict], data: dict[str, Any], seed: int, init_from: list[str],
-               part_learning_rates: dict[str, float] | None = None) -> dict[str, Any]:
+               part_learning_rates: dict[str, float] | None = None, alignment_trains_llm: bool = False
+               ) -> dict[str, Any]:
     """A ``mim fit`` config for one run of the experiment: ``models`` are the ``llm`` and ``blip2`` sources
     (the world's parts, or presets), checkpoints and CSV logs under ``run``; ``head`` a name of
     :data:`HEADS` (the language head) or a :func:`head_config`."""
@@ -247,7 +257,8 @@ def fit_config(run: Path, stage: str, head: str | dict, steps: int, learning_rat
         "model": {"stage": stage, "head": head_config(head) if isinstance(head, str) else head,
                   "llm": models["llm"], "blip2": models["blip2"],
                   "learning_rate": learning_rate, "warmup_ratio": 0.1, "init_from": init_from or None,
-                  **({"part_learning_rates": dict(part_learning_rates)} if part_learning_rates else {})},
+                  **({"part_learning_rates": dict(part_learning_rates)} if part_learning_rates else {}),
+                  **({"alignment_trains_llm": True} if alignment_trains_llm else {})},
         "data": data,
     }
 
@@ -537,7 +548,7 @@ def run_world(plan: WorldPlan) -> Path:
         out / "stage1", "alignment", "language", plan.stage1_steps, plan.stage1_learning_rate, models,
         {"class_path": "datamodules.CaptionDataModule",
          "init_args": {"train": [pairs_file], "image_root": str(files["train"].parent), "batch_size": 16,
-                       "num_workers": 0}}, plan.world_seed, []))
+                       "num_workers": 0}}, plan.world_seed, [], alignment_trains_llm=plan.stage1_trains_llm))
     evaluations: dict[str, dict[int, dict]] = {}
     for name in plan.heads:
         head = head_config(name, plan, parts["sdxl"])

@@ -25,16 +25,22 @@ class LLMBundle:
     tokenizer: object  # a transformers tokenizer with a chat template and a pad token
 
 
-def tiny_llama_config(vocab_size: int, tokenizer=None):
-    """Llama with hidden size 64: every Llama code path, a few hundred thousand parameters."""
+def tiny_llama_config(vocab_size: int, tokenizer=None, hidden_size: int = 64, layers: int = 2):
+    """Llama with hidden size 64: every Llama code path, a few hundred thousand parameters. The world's LLM
+    may be made wider or deeper (16-wide heads, an MLP twice the width)."""
     from transformers import LlamaConfig
 
     ids = {}
     if tokenizer is not None:
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+    if hidden_size % 16 or hidden_size <= 0 or layers <= 0:
+        raise ValueError(f"hidden_size {hidden_size} and layers {layers}: give a positive multiple of 16 and a "
+                         "positive layer count")
+    heads = hidden_size // 16
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=4096,
                        tie_word_embeddings=False, **ids)
 
 

@@ -47,7 +47,7 @@ def is_trained(folder: str | os.PathLike[str]) -> bool:
 
 
 #: what a marker written before a setting existed was trained with
-_BEFORE_RECORDED = {"layout_weight": 0.0}
+_BEFORE_RECORDED = {"layout_weight": 0.0, "caption_weight": 0.0, "hidden_size": 64, "layers": 2}
 
 
 def trained_with(folder: str | os.PathLike[str], **settings: Any) -> bool:
@@ -101,14 +101,15 @@ def world_texts(scenes: Iterable[Scene], conversations: Iterable[dict[str, Any]]
 
 def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], steps: int = 800,
                             batch_size: int = 16, block: int = 96, learning_rate: float = 3e-3,
-                            seed: int = 0) -> Path:
-    """Train the tiny Llama preset's architecture on ``texts`` (causal LM, packed blocks) and save it."""
+                            seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Train the tiny Llama preset's architecture (``hidden_size`` wide, ``layers`` deep) on ``texts`` (causal
+    LM, packed blocks) and save it."""
     from synth.model_parts.llm import tiny_llama_config
     from synth.model_parts.text_tokenizers import tiny_llama_tokenizer
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir)
-    if trained_with(out, steps=steps, seed=seed):
+    if trained_with(out, steps=steps, seed=seed, hidden_size=hidden_size, layers=layers):
         return out
     torch.manual_seed(seed)
     tokenizer = tiny_llama_tokenizer()
@@ -120,7 +121,7 @@ def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], s
     if len(data) < batch_size:
         raise ValueError(f"{len(stream)} tokens of world text make {len(data)} blocks of {block}; "
                          f"need at least {batch_size}")
-    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer))
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer, hidden_size, layers))
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.train()
@@ -133,7 +134,7 @@ def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], s
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _mark(out, {"part": "llm", "steps": steps, "tokens": len(stream), "final_loss": float(np.mean(losses[-50:])),
+    _mark(out, {"part": "llm", "steps": steps, "hidden_size": hidden_size, "layers": layers, "tokens": len(stream), "final_loss": float(np.mean(losses[-50:])),
                 "seconds": round(time.perf_counter() - start, 1), "seed": seed})
     return out
 
@@ -278,7 +279,7 @@ def world_blip2_config(num_query_tokens: int = 32):
 def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.PathLike[str], scenes: list[Scene],
                           image_folder: str | os.PathLike[str], steps: int = 600, batch_size: int = 64,
                           learning_rate: float = 2e-3, seed: int = 0, train_qformer: bool = True,
-                          layout_weight: float = 0.0) -> Path:
+                          layout_weight: float = 0.0, caption_weight: float = 0.0) -> Path:
     """A BLIP-2 vision model and Q-Former trained to meet the world CLIP's frozen caption features, saved as a
     BLIP-2 directory that :func:`synth.model_parts.blip2.build_blip2` reads. ``train_qformer=False`` leaves the
     Q-Former and queries at their random start (a new Q-Former, which stages 1 and 2 then train).
@@ -287,14 +288,23 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
     tower from the query outputs alone (one cross-attention from a learned query per patch position, mean
     squared error against the tower's states, detached). Captions never say where a thing is, so the
     contrastive objective alone lets the queries drop it; this one makes them keep the patch layout. Off by
-    default: the paper's Q-Former is BLIP-2's."""
+    default: the paper's Q-Former is BLIP-2's.
+
+    ``caption_weight`` > 0 adds BLIP-2's image-grounded text generation (ITG, its section 3.2) beside the
+    contrastive loss: a small causal decoder writes the caption with the query outputs as its only view of
+    the picture, so the queries must carry everything a caption says (every object's colour and shape, and
+    which colour goes with which shape), where the contrastive loss is met by one best-matching query. BLIP-2
+    runs ITG in the Q-Former's own text transformer; transformers' ``Blip2QFormerModel`` has no text path, so
+    the decoder here is separate (2 layers as wide as the Q-Former) and, like BLIP-2's ITC projections,
+    dropped after training."""
     from safetensors.torch import save_file
     from synth.model_parts.blip2 import _image_processor
     from synth.model_parts.clip import build_clip
     from transformers import Blip2QFormerModel, Blip2VisionModel
 
     out = Path(out_dir)
-    if trained_with(out, steps=steps, seed=seed, qformer_trained=train_qformer, layout_weight=layout_weight):
+    if trained_with(out, steps=steps, seed=seed, qformer_trained=train_qformer, layout_weight=layout_weight,
+                    caption_weight=caption_weight):
         return out
     torch.manual_seed(seed)
     matched = [scene for scene in scenes if not scene.mismatched]
@@ -319,6 +329,10 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
         layout = [torch.nn.ParameterList([torch.randn(1, patches, config.qformer_config.hidden_size) * init]),
                   torch.nn.MultiheadAttention(config.qformer_config.hidden_size, 4, batch_first=True),
                   torch.nn.Linear(config.qformer_config.hidden_size, config.vision_config.hidden_size)]
+    decoder = None
+    if caption_weight:  # built only when asked, as the layout decoder is
+        decoder, captions = _caption_decoder(clip.processor.tokenizer, [s.caption for s in matched],
+                                             config.qformer_config.hidden_size)
     processor = _image_processor(WORLD_IMAGE_SIZE)
     pixels = processor(images=_pictures(matched, Path(image_folder)), return_tensors="pt")["pixel_values"]
     start = time.perf_counter()
@@ -349,11 +363,14 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
                                     need_weights=False)
             target_states = torch.nn.functional.layer_norm(states.detach(), states.shape[-1:])
             query_loss = query_loss + layout_weight * torch.nn.functional.mse_loss(layout_head(read), target_states)
+        if decoder is not None:
+            query_loss = query_loss + caption_weight * _caption_loss(decoder, outputs, captions, index)
         return tower_loss + query_loss
 
     parameters = [*tower.parameters(), *qformer.parameters(), query_tokens, *tower_head.parameters(),
                   *query_head.parameters(), scale]
     parameters += [parameter for module in layout for parameter in module.parameters()]
+    parameters += list(decoder.parameters()) if decoder is not None else []
     losses = _contrastive(steps, batch_size, len(matched), parameters, "world vision tower + Q-Former", step_loss,
                           learning_rate, seed)
     tower.eval()
@@ -367,9 +384,33 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     processor.save_pretrained(out)
     _mark(out, {"part": "blip2", "steps": steps, "qformer_trained": train_qformer, "layout_weight": layout_weight,
+                "caption_weight": caption_weight,
                 "pairs": len(matched), "final_loss": float(np.mean(losses[-50:])),
                 "seconds": round(time.perf_counter() - start, 1), "seed": seed})
     return out
+
+
+def _caption_decoder(tokenizer, captions: list[str], width: int):
+    """The ITG decoder (a 2-layer Llama as wide as the Q-Former, over the CLIP tokenizer's vocabulary) and the
+    captions as token ids (``input_ids``, ``attention_mask``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+    heads = max(1, width // 16)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    return LlamaForCausalLM(config), tokens
+
+
+def _caption_loss(decoder, query_outputs: torch.Tensor, captions, index: torch.Tensor) -> torch.Tensor:
+    """The captions' next-token loss with the query outputs as a prefix the text attends to (BLIP-2's ITG:
+    the text sees the picture only through the queries)."""
+    ids, mask = captions["input_ids"][index], captions["attention_mask"][index]
+    embeds = torch.cat([query_outputs, decoder.get_input_embeddings()(ids)], dim=1)
+    prefix = torch.ones(query_outputs.shape[:2], dtype=mask.dtype)
+    labels = torch.cat([torch.full(query_outputs.shape[:2], -100), ids.masked_fill(mask == 0, -100)], dim=1)
+    return decoder(inputs_embeds=embeds, attention_mask=torch.cat([prefix, mask], dim=1), labels=labels).loss
 
 
 def build_world_sdxl(out_dir: str | os.PathLike[str], clip_dir: str | os.PathLike[str], seed: int = 0) -> Path:
