@@ -160,3 +160,37 @@ def test_blank_controls_gather_each_seeds_paired_p_by_split() -> None:
 
     controls = blank_controls({"language": {0: run(1e-9, 0.2), 1: run(3e-7, 0.04)}})
     assert controls == {"language": {"test": [1e-9, 3e-7], "held_out": [0.2, 0.04]}}
+
+
+def test_answers_are_broken_down_by_the_shapes_in_the_asked_picture(tmp_path) -> None:
+    """A lone shape's colour and the colour of one among three land in different cells, "which" counts
+    pictures, and a reply is scored as mim evaluate scores it (the first choice it names)."""
+    from mim.experiments.world_breakdown import answers_by_objects
+    from synth.world.scenes import Scene, WorldObject
+
+    lone = Scene("lone", (WorldObject("square", "red", "large", "left"),), "white", "test")
+    three = Scene("three", (WorldObject("square", "red", "large", "left"),
+                            WorldObject("circle", "blue", "small", "centre"),
+                            WorldObject("diamond", "green", "small", "right")), "white", "test")
+    (tmp_path / "scenes.jsonl").write_text("".join(json.dumps(s.record()) + "\n" for s in (lone, three)))
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+
+    def asked(text: str, images: list[str], kind: str, answer: str, choices: list[str]) -> dict:
+        return {"conversation": [{"role": "user", "content": text, "image_list": images},
+                                 {"role": "assistant", "content": "", "image_list": []}],
+                "meta": {"answers": [{"turn": 1, "type": kind, "answer": answer, "choices": choices}]}}
+
+    records = {"a": asked("What colour is the square? <image>", ["lone.png"], "colour", "red", colours),
+               "b": asked("What colour is the circle? <image>", ["three.png"], "colour", "blue", colours),
+               "c": asked("What colour is the square? <image>", ["three.png"], "colour", "red", colours),
+               "d": asked("Which has a blue circle? <image> <image>", ["lone.png", "three.png"], "which", "second",
+                          ["first", "second"]),
+               "e": asked("Draw it", [], "draw", "a caption", [])}
+    (tmp_path / "conversations.jsonl").write_text("".join(json.dumps({"id": k, **v}) + "\n" for k, v in records.items()))
+    replies = {"a": "It is red.", "b": "It is red, not blue.", "c": "It is red.", "d": "The second one.",
+               "e": "Here it is."}
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps({"key": f"{k}/1", "text": t}) + "\n"
+                                                    for k, t in replies.items()))
+    assert answers_by_objects(tmp_path / "conversations.jsonl", tmp_path / "scenes.jsonl",
+                              tmp_path / "answers.jsonl") == {("colour", 1): (1, 1), ("colour", 3): (1, 2),
+                                                              ("which", 2): (1, 1)}

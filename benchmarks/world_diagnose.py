@@ -1,0 +1,164 @@
+"""Why a world MIM misses what it misses: three measurements that tell "cannot see" from "cannot bind" from
+"has not learned yet".
+
+- ``by-objects``: a finished run's answers by question type and by how many shapes the asked picture holds
+  (for "which", how many pictures). A model that names the colour of a lone shape but not of one among
+  three sees colour and fails to bind it; one that misses a lone shape's shape does not see shape.
+- ``training-fit``: the same answer keys on the run's own training conversations. Training accuracy no
+  higher than test accuracy means the model underfits (budget, optimisation), not that it overfits.
+- ``qformer-capacity``: a new Q-Former (the world's config) trained *directly* on the frozen world tower's
+  states to name a lone shape's shape and the shape of the red one among two or three. Near 1.0 means the
+  tower and the Q-Former's architecture can carry it, so a miss lies in the training signal, not the parts.
+
+    python benchmarks/world_diagnose.py by-objects --world runs/world
+    python benchmarks/world_diagnose.py training-fit --world runs/world --run language-seed0 --conversations 200
+    python benchmarks/world_diagnose.py qformer-capacity --world runs/world
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def by_objects(world: Path, split: str) -> None:
+    from mim.experiments.world_breakdown import answers_by_objects
+
+    rows: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    runs = sorted(p for p in (world / "runs").iterdir() if (p / "eval" / split / "answers.jsonl").is_file())
+    for run in runs:
+        for key, (right, turns) in answers_by_objects(world / "world" / split / "conversations.jsonl",
+                                                      world / "world" / split / "scenes.jsonl",
+                                                      run / "eval" / split / "answers.jsonl").items():
+            rows[(run.name.rsplit("-seed", 1)[0], *key)][0] += right
+            rows[(run.name.rsplit("-seed", 1)[0], *key)][1] += turns
+    print(f"{split}: accuracy by question type and shapes in the asked picture (pictures, for 'which'), "
+          f"pooled over {len(runs)} runs\n")
+    print("| head | type | shapes | accuracy | turns |")
+    print("|---|---|---|---|---|")
+    for (head, kind, objects), (right, turns) in sorted(rows.items()):
+        print(f"| {head} | {kind} | {objects} | {right / turns:.2f} | {turns} |")
+
+
+def training_fit(world: Path, run: str, count: int, out: Path) -> None:
+    from mim.evaluation.held_out import ModelResponder, answer_correctness, evaluate_cases, replay_cases
+    from mim.inference.interleaved import GenerationSettings
+    from mim.modeling.directory import load_model
+    from synth.model_parts.sdxl import build_sdxl
+
+    source = world / "synth" / "filter" / "conversations.jsonl"
+    lines = source.read_text().splitlines()
+    random.Random(0).shuffle(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "images").exists():  # the subset's image_dir resolves beside it
+        (out / "images").symlink_to((source.parent / "images").resolve())
+    subset = out / "training_subset.jsonl"
+    subset.write_text("\n".join(lines[:count]) + "\n")
+    model = load_model(world / "runs" / run / "stage2" / "checkpoints" / "last.ckpt").eval()
+    settings = GenerationSettings(max_new_tokens=24, do_sample=False, max_images=1, image_size=64,
+                                  num_inference_steps=2)
+    cases, _ = replay_cases([str(subset)])
+    report = evaluate_cases(cases, ModelResponder(model, build_sdxl({"pretrained": str(world / "parts" / "sdxl")}),
+                                                  settings=settings), out / run,
+                            metrics={"correct": answer_correctness})
+    test = json.loads((world / "runs" / run / "eval" / "evaluation.json").read_text())["test"]["answers"]
+    print(f"{run}: {count} training conversations against the test split\n")
+    print("| type | training accuracy | turns | test accuracy | chance |")
+    print("|---|---|---|---|---|")
+    for kind, row in report["answers"].items():
+        print(f"| {kind} | {row['accuracy']:.2f} | {row['turns']} | {test.get(kind, {}).get('accuracy', float('nan')):.2f} "
+              f"| {row['chance']:.2f} |")
+
+
+def qformer_capacity(world: Path, pictures: int, steps: int) -> None:
+    from transformers import Blip2QFormerModel
+
+    from synth.model_parts import build_blip2
+    from synth.model_parts.blip2 import _image_processor
+    from synth.world.parts import WORLD_IMAGE_SIZE
+    from synth.world.scenes import SHAPES, render, world_pairs
+
+    parts = build_blip2({"pretrained": str(world / "parts" / "blip2")})
+    drawn = list(world_pairs(12 * pictures, 3, "train"))
+    tasks = {
+        "shape of a lone shape": ([s for s in drawn if s.count == 1][:pictures], lambda s: s.objects[0].shape),
+        "shape of the red one among 2-3": (
+            [s for s in drawn if s.count >= 2 and [o.colour for o in s.objects].count("red") == 1][:pictures],
+            lambda s: next(o.shape for o in s.objects if o.colour == "red")),
+    }
+    print(f"a new Q-Former trained on the frozen tower's states ({steps} steps of 64, 3/4 of {pictures} "
+          "pictures; held-out quarter scored); chance 0.25\n")
+    print("| task | linear probe on the tower's states | Q-Former, trained on the task |")
+    print("|---|---|---|")
+    for name, (scenes, label) in tasks.items():
+        pixels = _image_processor(WORLD_IMAGE_SIZE)(images=[render(s, WORLD_IMAGE_SIZE) for s in scenes],
+                                                     return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            states = parts.vision_model(pixel_values=pixels).last_hidden_state
+        y = torch.tensor([SHAPES.index(label(s)) for s in scenes])
+        cut = 3 * len(scenes) // 4
+        scores = []
+        for reader in ("linear", "qformer"):
+            torch.manual_seed(0)
+            if reader == "linear":
+                head = torch.nn.Linear(states[0].numel(), len(SHAPES))
+                modules, read = [head], lambda s, head=head: head(s.flatten(1))
+            else:
+                config = parts.qformer.config
+                qformer = Blip2QFormerModel(config.__class__(**config.to_dict()))
+                queries = torch.nn.Parameter(torch.randn(1, parts.query_tokens.shape[1], config.hidden_size)
+                                             * config.hidden_size ** -0.5)
+                head = torch.nn.Linear(parts.query_tokens.shape[1] * config.hidden_size, len(SHAPES))
+                modules = [qformer, head, torch.nn.ParameterList([queries])]
+
+                def read(s, qformer=qformer, queries=queries, head=head):
+                    return head(qformer(query_embeds=queries.expand(len(s), -1, -1),
+                                        encoder_hidden_states=s).last_hidden_state.flatten(1))
+            parameters = [p for module in modules for p in module.parameters()]
+            optimizer = torch.optim.AdamW(parameters, lr=2e-3)
+            generator = torch.Generator().manual_seed(0)
+            for module in modules:
+                module.train()
+            for _ in range(steps):
+                index = torch.randint(0, cut, (64,), generator=generator)
+                loss = torch.nn.functional.cross_entropy(read(states[index]), y[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            for module in modules:
+                module.eval()
+            with torch.no_grad():
+                scores.append(float((read(states[cut:]).argmax(-1) == y[cut:]).float().mean()))
+        print(f"| {name} | {scores[0]:.2f} | {scores[1]:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["by-objects", "training-fit", "qformer-capacity"])
+    parser.add_argument("--world", default="runs/world", help="a `mim world` out_dir")
+    parser.add_argument("--split", default="test", help="by-objects: test or held_out")
+    parser.add_argument("--run", default="language-seed0", help="training-fit: which run")
+    parser.add_argument("--conversations", type=int, default=200, help="training-fit: how many")
+    parser.add_argument("--out", default="runs/world_diagnose", help="training-fit: where its answers go")
+    parser.add_argument("--pictures", type=int, default=2400, help="qformer-capacity: pictures per task")
+    parser.add_argument("--steps", type=int, default=600, help="qformer-capacity: training steps")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    world = Path(args.world)
+    if args.what == "by-objects":
+        by_objects(world, args.split)
+    elif args.what == "training-fit":
+        training_fit(world, args.run, args.conversations, Path(args.out))
+    else:
+        qformer_capacity(world, args.pictures, args.steps)
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
