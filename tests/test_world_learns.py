@@ -14,12 +14,14 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
-SMOKE = dict(scenes=1500, calibration_scenes=200, conversations=2000, eval_scenes=300, eval_conversations=220,
-             llm_steps=400, clip_steps=250, tower_steps=250, stage1_steps=0, head_steps=0, stage2_steps=1000,
-             seeds=[0], splits=["test"], heads=["language"])
+REPO = Path(__file__).resolve().parents[1]
+#: the smoke plan, as `mim world --config configs/world/smoke.yaml` runs it (docs/world.md's table of trials)
+SMOKE = {key: value for key, value in
+         yaml.safe_load((REPO / "configs" / "world" / "smoke.yaml").read_text())["plan"].items() if key != "out_dir"}
 
 
 @pytest.fixture(scope="module")
