@@ -82,39 +82,41 @@ def qformer_capacity(world: Path, pictures: int, steps: int) -> None:
     from synth.model_parts import build_blip2
     from synth.model_parts.blip2 import _image_processor
     from synth.world.parts import WORLD_IMAGE_SIZE
-    from synth.world.scenes import SHAPES, render, world_pairs
+    from synth.world.scenes import POSITIONS, SHAPES, render, world_pairs
 
     parts = build_blip2({"pretrained": str(world / "parts" / "blip2")})
     drawn = list(world_pairs(12 * pictures, 3, "train"))
-    tasks = {
-        "shape of a lone shape": ([s for s in drawn if s.count == 1][:pictures], lambda s: s.objects[0].shape),
+    lone = [s for s in drawn if s.count == 1][:pictures]
+    tasks = {  # name: (pictures, label, classes)
+        "shape of a lone shape": (lone, lambda s: s.objects[0].shape, SHAPES),
+        "position of a lone shape": (lone, lambda s: s.objects[0].position, POSITIONS),
         "shape of the red one among 2-3": (
             [s for s in drawn if s.count >= 2 and [o.colour for o in s.objects].count("red") == 1][:pictures],
-            lambda s: next(o.shape for o in s.objects if o.colour == "red")),
+            lambda s: next(o.shape for o in s.objects if o.colour == "red"), SHAPES),
     }
     print(f"a new Q-Former trained on the frozen tower's states ({steps} steps of 64, 3/4 of {pictures} "
-          "pictures; held-out quarter scored); chance 0.25\n")
+          "pictures; held-out quarter scored); chance: shape 0.25, position 0.33\n")
     print("| task | linear probe on the tower's states | Q-Former, trained on the task |")
     print("|---|---|---|")
-    for name, (scenes, label) in tasks.items():
+    for name, (scenes, label, classes) in tasks.items():
         pixels = _image_processor(WORLD_IMAGE_SIZE)(images=[render(s, WORLD_IMAGE_SIZE) for s in scenes],
                                                      return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             states = parts.vision_model(pixel_values=pixels).last_hidden_state
-        y = torch.tensor([SHAPES.index(label(s)) for s in scenes])
+        y = torch.tensor([classes.index(label(s)) for s in scenes])
         cut = 3 * len(scenes) // 4
         scores = []
         for reader in ("linear", "qformer"):
             torch.manual_seed(0)
             if reader == "linear":
-                head = torch.nn.Linear(states[0].numel(), len(SHAPES))
+                head = torch.nn.Linear(states[0].numel(), len(classes))
                 modules, read = [head], lambda s, head=head: head(s.flatten(1))
             else:
                 config = parts.qformer.config
                 qformer = Blip2QFormerModel(config.__class__(**config.to_dict()))
                 queries = torch.nn.Parameter(torch.randn(1, parts.query_tokens.shape[1], config.hidden_size)
                                              * config.hidden_size ** -0.5)
-                head = torch.nn.Linear(parts.query_tokens.shape[1] * config.hidden_size, len(SHAPES))
+                head = torch.nn.Linear(parts.query_tokens.shape[1] * config.hidden_size, len(classes))
                 modules = [qformer, head, torch.nn.ParameterList([queries])]
 
                 def read(s, qformer=qformer, queries=queries, head=head):
