@@ -267,8 +267,13 @@ class MIM(L.LightningModule):
     def trained_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of the parts this stage trains."""
         parts = ("qformer.", "query_tokens", "projection.")
-        alignment = parts + ("llm.",) if self.hparams.alignment_trains_llm else parts
-        return {"alignment": alignment, "head": ("head.",), "instruction": parts + ("llm.", "head.")}[self.stage]
+        llm = ("llm.",) if self._llm_trains else ()
+        return {"alignment": parts + llm, "head": ("head.",), "instruction": parts + llm + ("head.",)}[self.stage]
+
+    @property
+    def _llm_trains(self) -> bool:
+        """The LLM trains in stage 2, and in stage 1 only with ``alignment_trains_llm``."""
+        return self.stage == "instruction" or (self.stage == "alignment" and self.hparams.alignment_trains_llm)
 
     def _freeze_for_stage(self) -> None:
         self.requires_grad_(False)
@@ -279,10 +284,9 @@ class MIM(L.LightningModule):
             self.qformer.requires_grad_(True)
             self.query_tokens.requires_grad_(True)
             self.projection.requires_grad_(True)
-        if self.stage == "alignment" and self.hparams.alignment_trains_llm:
-            self._unfreeze_llm()
         if self.stage == "instruction":
             self.head.requires_grad_(True)
+        if self._llm_trains:
             self._unfreeze_llm()
         self.train()
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -305,8 +309,8 @@ class MIM(L.LightningModule):
         super().train(mode)
         if mode and self.built:
             self.vision_model.eval()
-            if self.stage == "head" or (self.stage == "alignment" and not self.hparams.alignment_trains_llm):
-                self.llm.eval()  # frozen in head pre-training, and in alignment unless told to train
+            if not self._llm_trains:
+                self.llm.eval()
             if self.stage == "head":
                 self.qformer.eval()
         return self
