@@ -297,10 +297,17 @@ def test_the_world_llm_takes_its_size_and_a_cached_one_of_another_size_is_refuse
     from synth.world.parts import pretrain_language_model
 
     texts = ["a large red square on a white background"] * 64
-    llm = pretrain_language_model(tmp_path / "llm", texts, steps=2, batch_size=2, block=16, hidden_size=32,
-                                  layers=3)
+    llm = pretrain_language_model(tmp_path / "llm", lambda: texts, steps=2, batch_size=2, block=16, hidden_size=32,
+                                  layers=3)  # the corpus as a function, built because the LLM is to be trained
     config = build_llm({"pretrained": str(llm)}).model.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 3, 2)
+
+    def unneeded() -> list[str]:
+        raise AssertionError("the corpus was built for an LLM already trained with these settings")
+
+    # the same settings: the cached part is reused, and a corpus given as a function is never built
+    assert pretrain_language_model(tmp_path / "llm", unneeded, steps=2, batch_size=2, block=16, hidden_size=32,
+                                   layers=3) == llm
     with pytest.raises(ValueError, match="hidden_size 32, not 64"):
         pretrain_language_model(tmp_path / "llm", texts, steps=2, batch_size=2, block=16)
     with pytest.raises(ValueError, match="positive multiple of 16"):

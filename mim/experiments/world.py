@@ -133,21 +133,22 @@ def build_parts(plan: WorldPlan, files: dict[str, Path]) -> dict[str, Path]:
     from synth.model_parts.text_tokenizers import tiny_llama_tokenizer
     from synth.world.dialogues import write_conversations
     from synth.world.parts import (build_world_sdxl, pretrain_clip, pretrain_language_model, pretrain_vision_tower,
-                                   trained_with, world_texts)
+                                   world_texts)
     from synth.world.scenes import read_scenes
 
     parts = Path(plan.out_dir) / "parts"
     train = [s for s in read_scenes(files["train"]).values() if not s.mismatched]
     calibration = list(read_scenes(files["calibration"]).values())
-    llm = parts / "llm"
-    if not trained_with(llm, steps=plan.llm_steps, seed=plan.world_seed, hidden_size=plan.llm_hidden_size,
-                        layers=plan.llm_layers):  # the corpus only if it is to be trained
+
+    def llm_texts() -> list[str]:  # built only if the LLM is to be trained
         # the LLM reads the world's text: captions, and dialogues about training pictures (their own draw)
         text_file = write_conversations({s.id: s for s in train}, parts / "llm_dialogues.jsonl",
                                         plan.conversations, plan.world_seed + 7, prefix="text")
         dialogues = [json.loads(line) for line in text_file.read_text().splitlines() if line.strip()]
-        pretrain_language_model(llm, world_texts(train, dialogues, tiny_llama_tokenizer()), plan.llm_steps,
-                                seed=plan.world_seed, hidden_size=plan.llm_hidden_size, layers=plan.llm_layers)
+        return world_texts(train, dialogues, tiny_llama_tokenizer())
+
+    llm = pretrain_language_model(parts / "llm", llm_texts, plan.llm_steps, seed=plan.world_seed,
+                                  hidden_size=plan.llm_hidden_size, layers=plan.llm_layers)
     clip = pretrain_clip(parts / "clip", train, files["train"].parent, calibration, files["calibration"].parent,
                          plan.clip_steps, seed=plan.world_seed)
     blip2 = pretrain_vision_tower(parts / "blip2", clip, train, files["train"].parent, plan.tower_steps,

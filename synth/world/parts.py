@@ -99,11 +99,13 @@ def world_texts(scenes: Iterable[Scene], conversations: Iterable[dict[str, Any]]
     return texts
 
 
-def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], steps: int = 800,
+def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str] | Callable[[], list[str]],
+                            steps: int = 800,
                             batch_size: int = 16, block: int = 96, learning_rate: float = 3e-3,
                             seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
     """Train the tiny Llama preset's architecture (``hidden_size`` wide, ``layers`` deep) on ``texts`` (causal
-    LM, packed blocks) and save it."""
+    LM, packed blocks) and save it. ``texts`` may be a function that builds them: it is called only when the
+    model is to be trained, not when a part trained with these settings is already there."""
     from synth.model_parts.llm import tiny_llama_config
     from synth.model_parts.text_tokenizers import tiny_llama_tokenizer
     from transformers import LlamaForCausalLM
@@ -111,6 +113,8 @@ def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], s
     out = Path(out_dir)
     if trained_with(out, steps=steps, seed=seed, hidden_size=hidden_size, layers=layers):
         return out
+    if callable(texts):
+        texts = texts()
     torch.manual_seed(seed)
     tokenizer = tiny_llama_tokenizer()
     stream: list[int] = []
@@ -134,8 +138,8 @@ def pretrain_language_model(out_dir: str | os.PathLike[str], texts: list[str], s
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _mark(out, {"part": "llm", "steps": steps, "hidden_size": hidden_size, "layers": layers, "tokens": len(stream), "final_loss": float(np.mean(losses[-50:])),
-                "seconds": round(time.perf_counter() - start, 1), "seed": seed})
+    _mark(out, {"part": "llm", "steps": steps, "hidden_size": hidden_size, "layers": layers, "tokens": len(stream),
+                "final_loss": float(np.mean(losses[-50:])), "seconds": round(time.perf_counter() - start, 1), "seed": seed})
     return out
 
 
@@ -393,14 +397,11 @@ def pretrain_vision_tower(out_dir: str | os.PathLike[str], clip_dir: str | os.Pa
 def _caption_decoder(tokenizer, captions: list[str], width: int):
     """The ITG decoder (a 2-layer Llama as wide as the Q-Former, over the CLIP tokenizer's vocabulary) and the
     captions as token ids (``input_ids``, ``attention_mask``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from synth.model_parts.llm import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
-    heads = max(1, width // 16)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=512, tie_word_embeddings=False)
-    return LlamaForCausalLM(config), tokens
+    return LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=width, layers=2)), tokens
 
 
 def _caption_loss(decoder, query_outputs: torch.Tensor, captions, index: torch.Tensor) -> torch.Tensor:
