@@ -48,7 +48,7 @@ def by_objects(world: Path, split: str) -> None:
 
 def training_fit(world: Path, run: str, count: int, out: Path) -> None:
     from mim.evaluation.held_out import ModelResponder, answer_correctness, evaluate_cases, replay_cases
-    from mim.inference.interleaved import GenerationSettings
+    from mim.experiments.world import generation_settings
     from mim.modeling.directory import load_model
     from synth.model_parts.sdxl import build_sdxl
 
@@ -61,8 +61,8 @@ def training_fit(world: Path, run: str, count: int, out: Path) -> None:
     subset = out / "training_subset.jsonl"
     subset.write_text("\n".join(lines[:count]) + "\n")
     model = load_model(world / "runs" / run / "stage2" / "checkpoints" / "last.ckpt").eval()
-    settings = GenerationSettings(max_new_tokens=24, do_sample=False, max_images=1, image_size=64,
-                                  num_inference_steps=2)
+    # as the run's own evaluation answered (its plan, in report.json)
+    settings = generation_settings(json.loads((world / "report.json").read_text())["plan"]["max_new_tokens"])
     cases, _ = replay_cases([str(subset)])
     report = evaluate_cases(cases, ModelResponder(model, build_sdxl({"pretrained": str(world / "parts" / "sdxl")}),
                                                   settings=settings), out / run,

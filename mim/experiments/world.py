@@ -329,13 +329,21 @@ def caption_retrieval(pairs: list[tuple[Any, dict]], captions: list[str], text_s
                                   if caption is not None) / len(written)) if written else None}
 
 
+def generation_settings(max_new_tokens: int):
+    """How a world MIM answers in evaluation: greedy, one picture a turn at 64 px, two denoising steps (what it
+    draws is scored in conditioning space, not in pixels)."""
+    from mim.inference.interleaved import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False, max_images=1, image_size=64,
+                              num_inference_steps=2)
+
+
 def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: WorldPlan, sdxl: Path
                  ) -> dict[str, Any]:
     """Answer keys on seen and held-out pictures, blanked, and with the "which" pictures reversed; the draw
     requests' conditions retrieved among the split's captions."""
     from mim.evaluation.held_out import ModelResponder, answer_correctness, evaluate_cases, replay_cases
     from mim.evaluation.significance import paired_p
-    from mim.inference.interleaved import GenerationSettings
     from mim.modeling.directory import load_model
     from synth.model_parts.sdxl import build_sdxl
     from synth.world.scenes import read_scenes
@@ -345,8 +353,7 @@ def evaluate_run(checkpoint: Path, files: dict[str, Path], out: Path, plan: Worl
     model = load_model(checkpoint).eval()
     # the world SDXL (text encoders: the world CLIP's; UNet untrained): the check is in conditioning space
     pipeline = build_sdxl({"pretrained": str(sdxl)})
-    settings = GenerationSettings(max_new_tokens=plan.max_new_tokens, do_sample=False, max_images=1,
-                                  image_size=64, num_inference_steps=2)
+    settings = generation_settings(plan.max_new_tokens)
     results: dict[str, Any] = {}
     for name in plan.splits:
         cases, _ = replay_cases([str(files[name])], max_cases=plan.max_cases)
