@@ -9,10 +9,14 @@
 - ``qformer-capacity``: a new Q-Former (the world's config) trained *directly* on the frozen world tower's
   states to name a lone shape's shape and the shape of the red one among two or three. Near 1.0 means the
   tower and the Q-Former's architecture can carry it, so a miss lies in the training signal, not the parts.
+- ``query-spread``: how much of the query outputs changes with the picture, and whether one picture's queries
+  differ from one another (:mod:`mim.evaluation.query_spread`), for a random Q-Former of the world's config,
+  the world parts' pre-trained one, and the image embeddings of every finished run.
 
     python benchmarks/world_diagnose.py by-objects --world runs/world
     python benchmarks/world_diagnose.py training-fit --world runs/world --run language-seed0 --conversations 200
     python benchmarks/world_diagnose.py qformer-capacity --world runs/world
+    python benchmarks/world_diagnose.py query-spread --world runs/world
 """
 
 from __future__ import annotations
@@ -140,15 +144,54 @@ def qformer_capacity(world: Path, pictures: int, steps: int) -> None:
         print(f"| {name} | {scores[0]:.2f} | {scores[1]:.2f} |")
 
 
+@torch.no_grad()
+def query_spreads(world: Path, pictures: int) -> None:
+    from transformers import Blip2QFormerModel
+
+    from mim.evaluation.query_spread import query_spread
+    from mim.modeling.directory import load_model
+    from synth.model_parts import build_blip2
+    from synth.model_parts.blip2 import _image_processor
+    from synth.world.parts import WORLD_IMAGE_SIZE
+    from synth.world.scenes import render, world_pairs
+
+    parts = build_blip2({"pretrained": str(world / "parts" / "blip2")})
+    scenes = list(world_pairs(pictures, 5, "train"))
+    pixels = _image_processor(WORLD_IMAGE_SIZE)(images=[render(s, WORLD_IMAGE_SIZE) for s in scenes],
+                                                 return_tensors="pt")["pixel_values"]
+    states = parts.vision_model(pixel_values=pixels).last_hidden_state
+    torch.manual_seed(0)
+    config = parts.qformer.config
+    width = config.hidden_size
+    random_queries = torch.randn(1, parts.query_tokens.shape[1], width) * width ** -0.5  # the world parts' init
+    rows = {"a random Q-Former (the world's config)": Blip2QFormerModel(config.__class__(**config.to_dict())).eval()(
+                query_embeds=random_queries.expand(len(scenes), -1, -1), encoder_hidden_states=states
+            ).last_hidden_state,
+            "the world parts' Q-Former (pre-trained)": parts.qformer(
+                query_embeds=parts.query_tokens.expand(len(scenes), -1, -1), encoder_hidden_states=states
+            ).last_hidden_state}
+    for run in sorted(p for p in (world / "runs").iterdir() if (p / "stage2" / "checkpoints" / "last.ckpt").is_file()):
+        model = load_model(run / "stage2" / "checkpoints" / "last.ckpt").eval()
+        rows[f"image embeddings, {run.name} (after stage 2)"] = model.encode_images(pixels)
+    print(f"{len(scenes)} world pictures. picture share: of the outputs' spread, what changes with the picture; "
+          "query share: of that, what differs between one picture's queries (mim.evaluation.query_spread)\n")
+    print("| query outputs | picture share | query share | mean cosine between queries |")
+    print("|---|---|---|---|")
+    for name, outputs in rows.items():
+        spread = query_spread(outputs)
+        print(f"| {name} | {spread['picture_share']:.3f} | {spread['query_share']:.3f} | {spread['mean_cosine']:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["by-objects", "training-fit", "qformer-capacity"])
+    parser.add_argument("what", choices=["by-objects", "training-fit", "qformer-capacity", "query-spread"])
     parser.add_argument("--world", default="runs/world", help="a `mim world` out_dir")
     parser.add_argument("--split", default="test", help="by-objects: test or held_out")
     parser.add_argument("--run", default="language-seed0", help="training-fit: which run")
     parser.add_argument("--conversations", type=int, default=200, help="training-fit: how many")
     parser.add_argument("--out", default="runs/world_diagnose", help="training-fit: where its answers go")
-    parser.add_argument("--pictures", type=int, default=2400, help="qformer-capacity: pictures per task")
+    parser.add_argument("--pictures", type=int, default=None,
+                        help="qformer-capacity: pictures per task (2400); query-spread: pictures (256)")
     parser.add_argument("--steps", type=int, default=600, help="qformer-capacity: training steps")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -157,8 +200,10 @@ def main() -> None:
         by_objects(world, args.split)
     elif args.what == "training-fit":
         training_fit(world, args.run, args.conversations, Path(args.out))
+    elif args.what == "query-spread":
+        query_spreads(world, args.pictures or 256)
     else:
-        qformer_capacity(world, args.pictures, args.steps)
+        qformer_capacity(world, args.pictures or 2400, args.steps)
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

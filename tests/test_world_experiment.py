@@ -194,3 +194,39 @@ def test_answers_are_broken_down_by_the_shapes_in_the_asked_picture(tmp_path) ->
     assert answers_by_objects(tmp_path / "conversations.jsonl", tmp_path / "scenes.jsonl",
                               tmp_path / "answers.jsonl") == {("colour", 1): (1, 1), ("colour", 3): (1, 2),
                                                               ("which", 2): (1, 1)}
+
+
+def test_query_spread_tells_collapsed_queries_from_a_random_qformers() -> None:
+    import torch
+    from transformers import Blip2QFormerModel
+
+    from mim.evaluation.query_spread import query_spread
+    from synth.world.parts import world_blip2_config
+
+    # two pictures, two queries: a pattern by query (+-1 in the first unit) and one by picture (+-2 in the
+    # second): sums of squares 4 and 16 of 20, no interaction
+    split = query_spread(torch.tensor([[[1.0, 2.0], [-1.0, 2.0]], [[1.0, -2.0], [-1.0, -2.0]]]))
+    assert split["picture_share"] == pytest.approx(0.8)
+    assert split["query_share"] == pytest.approx(0.0)
+    # each picture's queries opposite, and opposite ways in the two pictures: all interaction
+    crossed = query_spread(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]], [[-1.0, 0.0], [1.0, 0.0]]]))
+    assert crossed["picture_share"] == pytest.approx(1.0)
+    assert crossed["query_share"] == pytest.approx(1.0)
+    assert crossed["mean_cosine"] == pytest.approx(-1.0)
+    picture = torch.randn(6, 1, 8)
+    collapsed = query_spread(picture.expand(-1, 5, -1) + 1e-3 * torch.randn(6, 5, 8))
+    assert collapsed["mean_cosine"] > 0.99 and collapsed["query_share"] < 1e-3
+    assert collapsed["picture_share"] > 0.999
+    prompt = query_spread(torch.randn(1, 5, 8).expand(6, -1, -1) + 1e-3 * torch.randn(6, 5, 8))
+    assert prompt["picture_share"] < 1e-3
+    torch.manual_seed(0)
+    config = world_blip2_config()
+    qformer = Blip2QFormerModel(config.qformer_config).eval()
+    queries = torch.randn(1, 32, config.qformer_config.hidden_size) * config.qformer_config.hidden_size ** -0.5
+    with torch.no_grad():
+        outputs = qformer(query_embeds=queries.expand(4, -1, -1),
+                          encoder_hidden_states=torch.randn(4, 65, config.vision_config.hidden_size)).last_hidden_state
+    random = query_spread(outputs)
+    assert random["mean_cosine"] < 0.9 and random["query_share"] > 0.3
+    with pytest.raises(ValueError, match="pictures >= 2"):
+        query_spread(torch.randn(1, 4, 8))
