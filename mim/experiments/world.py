@@ -45,8 +45,10 @@ class WorldPlan:
     #: the world LLM's width and depth (the tiny preset's 64 x 2 by default)
     llm_hidden_size: int = 64
     llm_layers: int = 2
-    clip_steps: int = 600
-    tower_steps: int = 600
+    #: the world CLIP's and the vision tower's training steps; at 600 the CLIP barely tells shapes apart
+    #: (synth.world.caption_checks), and the tower learns only what it tells apart
+    clip_steps: int = 1500
+    tower_steps: int = 1500
     pretrain_qformer: bool = True  # BLIP-2's image-text contrastive stage for the Q-Former, with the tower
     #: > 0 also trains the Q-Former to keep the patch layout (synth.world.parts.pretrain_vision_tower); not BLIP-2's
     qformer_layout_weight: float = 0.0
@@ -488,6 +490,10 @@ def write_report(out: Path, plan: WorldPlan, summary: dict[str, Any], steps: dic
              f"Match filter (world CLIP, threshold {steps['filter']['threshold']}): kept "
              f"{steps['filter']['matched_kept']:.3f} of matched pairs, rejected "
              f"{steps['filter']['mismatched_rejected']:.3f} of mismatched ones.", ""]
+    if steps.get("clip_prefers_own_caption"):  # what the world CLIP tells apart (chance 0.5)
+        lines += ["World CLIP: a calibration picture scores its own caption above the same caption with one word "
+                  "changed (chance 0.50): " + ", ".join(f"{word} {share:.2f}" for word, share
+                                                         in steps["clip_prefers_own_caption"].items()) + ".", ""]
     columns = ("test", "held_out", "test_blank", "held_out_blank", "swapped")
     names = {"test": "seen", "held_out": "held-out pairs", "test_blank": "seen, blanked",
              "held_out_blank": "held-out, blanked", "swapped": "seen, pictures swapped"}
@@ -539,6 +545,13 @@ def write_report(out: Path, plan: WorldPlan, summary: dict[str, Any], steps: dic
     return out / "report.md"
 
 
+def _clip_preference(clip: Path) -> dict[str, float] | None:
+    """The world CLIP's word-change check, as its marker records it (None for a part trained before it was)."""
+    from synth.world.parts import MARKER
+
+    return json.loads((clip / MARKER).read_text()).get("prefers_own_caption")
+
+
 def run_world(plan: WorldPlan) -> Path:
     """Every step of the experiment, each skipped when its result is on disk; returns the report's path."""
     start = time.perf_counter()
@@ -546,6 +559,8 @@ def run_world(plan: WorldPlan) -> Path:
     files = build_world(plan)
     parts = build_parts(plan, files)
     filtered = synthesize(plan, files, parts["clip"])
+    if preference := _clip_preference(parts["clip"]):
+        print(f"world CLIP: a picture prefers its own caption over one with a word changed: {preference}", flush=True)
     print(f"world: match filter kept {filtered['kept']} of {filtered['pairs']} pairs "
           f"(rejected {filtered['mismatched_rejected']:.1%} of the mismatched); {filtered['conversations']} "
           f"conversations synthesized from {filtered['groups']} groups", flush=True)
@@ -582,6 +597,7 @@ def run_world(plan: WorldPlan) -> Path:
             export_world_mim(checkpoint, out / "mim" / f"{name}-seed{seed}", parts["sdxl"])
     report = write_report(out, plan, summarise(evaluations),
                           {"filter": filtered, "pictures_matter": blank_controls(evaluations),
+                           "clip_prefers_own_caption": _clip_preference(parts["clip"]),
                            "seconds": time.perf_counter() - start})
     print(f"world report: {report}")
     return report

@@ -8,7 +8,9 @@ freezes them (section 5.1-5.2); these are the world's equivalents:
   saved with ``save_pretrained`` (safetensors, tokenizer, chat template): ``llm: {pretrained: DIR}``.
 - ``clip/``: a CLIP-architecture model trained contrastively on matched world pairs: ``synth score``'s and
   ``mim evaluate``'s CLIP (``clip: {pretrained: DIR}``); its calibrated match threshold is recorded in
-  ``clip/world_threshold.json`` because the paper's 30 belongs to OpenAI's CLIP, not this one.
+  ``clip/world_threshold.json`` because the paper's 30 belongs to OpenAI's CLIP, not this one; its marker
+  records what it tells apart (``prefers_own_caption``, :mod:`synth.world.caption_checks`), which bounds what
+  the tower and the Q-Former, trained against it, can learn.
 - ``blip2/``: a BLIP-2-layout directory (``config.json``, ``model.safetensors`` with ``vision_model.*``,
   ``qformer.*`` and ``query_tokens``, ``preprocessor_config.json``) whose vision tower was trained against the
   world CLIP's frozen text side, so what it sees is what captions say, and whose Q-Former and queries were
@@ -234,11 +236,17 @@ def pretrain_clip(out_dir: str | os.PathLike[str], scenes: list[Scene], image_fo
                               "final_loss": float(np.mean(losses[-50:])), "seed": seed}
     if calibration:
         from synth.model_parts.clip import build_clip
+        from synth.world.caption_checks import caption_preference
 
         bundle = build_clip({"pretrained": str(out)})
-        scores = bundle.match_scores(_pictures(calibration, Path(calibration_folder or image_folder)),
-                                     [scene.caption for scene in calibration]).numpy()
+        pictures = _pictures(calibration, Path(calibration_folder or image_folder))
+        scores = bundle.match_scores(pictures, [scene.caption for scene in calibration]).numpy()
         record["calibration"] = calibrate_threshold(scores, np.array([scene.mismatched for scene in calibration]))
+        # what it tells apart (synth.world.caption_checks): the tower and the Q-Former learn against it
+        matched_calibration = [i for i, scene in enumerate(calibration) if not scene.mismatched]
+        record["prefers_own_caption"] = caption_preference(
+            bundle, [pictures[i] for i in matched_calibration], [calibration[i].caption for i in matched_calibration],
+            seed=seed)
         from synth.atomic import atomic_write_text
 
         atomic_write_text(out / "world_threshold.json", json.dumps(record["calibration"], indent=1) + "\n")
