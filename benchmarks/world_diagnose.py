@@ -9,6 +9,9 @@
 - ``qformer-capacity``: a new Q-Former (the world's config) trained *directly* on the frozen world tower's
   states to name a lone shape's shape and the shape of the red one among two or three. Near 1.0 means the
   tower and the Q-Former's architecture can carry it, so a miss lies in the training signal, not the parts.
+- ``caption-preference``: how often the world CLIP scores a new picture's own caption above the same caption
+  with one shape, colour or size word changed (:mod:`synth.world.caption_checks`; chance 0.5). The tower and
+  the Q-Former are pre-trained against this CLIP: what it cannot tell apart, they do not learn.
 - ``query-spread``: how much of the query outputs changes with the picture, and whether one picture's queries
   differ from one another (:mod:`mim.evaluation.query_spread`), for a random Q-Former of the world's config,
   the world parts' pre-trained one, and the image embeddings of every finished run.
@@ -17,6 +20,7 @@
     python benchmarks/world_diagnose.py training-fit --world runs/world --run language-seed0 --conversations 200
     python benchmarks/world_diagnose.py qformer-capacity --world runs/world
     python benchmarks/world_diagnose.py query-spread --world runs/world
+    python benchmarks/world_diagnose.py caption-preference --world runs/world --pictures 600
 """
 
 from __future__ import annotations
@@ -80,13 +84,28 @@ def training_fit(world: Path, run: str, count: int, out: Path) -> None:
               f"| {row['chance']:.2f} |")
 
 
-def qformer_capacity(world: Path, pictures: int, steps: int) -> None:
+def _fresh_qformer(parts):
+    """A new Q-Former of the world parts' config, and new queries drawn as the world parts draw theirs."""
     from transformers import Blip2QFormerModel
 
-    from synth.model_parts import build_blip2
+    config = parts.qformer.config
+    qformer = Blip2QFormerModel(config.__class__(**config.to_dict()))
+    queries = torch.randn(1, parts.query_tokens.shape[1], config.hidden_size) * config.hidden_size ** -0.5
+    return qformer, queries
+
+
+def _pixels(scenes):
     from synth.model_parts.blip2 import _image_processor
     from synth.world.parts import WORLD_IMAGE_SIZE
-    from synth.world.scenes import POSITIONS, SHAPES, render, world_pairs
+    from synth.world.scenes import render
+
+    return _image_processor(WORLD_IMAGE_SIZE)(images=[render(s, WORLD_IMAGE_SIZE) for s in scenes],
+                                              return_tensors="pt")["pixel_values"]
+
+
+def qformer_capacity(world: Path, pictures: int, steps: int) -> None:
+    from synth.model_parts import build_blip2
+    from synth.world.scenes import POSITIONS, SHAPES, world_pairs
 
     parts = build_blip2({"pretrained": str(world / "parts" / "blip2")})
     drawn = list(world_pairs(12 * pictures, 3, "train"))
@@ -103,10 +122,8 @@ def qformer_capacity(world: Path, pictures: int, steps: int) -> None:
     print("| task | linear probe on the tower's states | Q-Former, trained on the task |")
     print("|---|---|---|")
     for name, (scenes, label, classes) in tasks.items():
-        pixels = _image_processor(WORLD_IMAGE_SIZE)(images=[render(s, WORLD_IMAGE_SIZE) for s in scenes],
-                                                     return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            states = parts.vision_model(pixel_values=pixels).last_hidden_state
+            states = parts.vision_model(pixel_values=_pixels(scenes)).last_hidden_state
         y = torch.tensor([classes.index(label(s)) for s in scenes])
         cut = 3 * len(scenes) // 4
         scores = []
@@ -116,11 +133,9 @@ def qformer_capacity(world: Path, pictures: int, steps: int) -> None:
                 head = torch.nn.Linear(states[0].numel(), len(classes))
                 modules, read = [head], lambda s, head=head: head(s.flatten(1))
             else:
-                config = parts.qformer.config
-                qformer = Blip2QFormerModel(config.__class__(**config.to_dict()))
-                queries = torch.nn.Parameter(torch.randn(1, parts.query_tokens.shape[1], config.hidden_size)
-                                             * config.hidden_size ** -0.5)
-                head = torch.nn.Linear(parts.query_tokens.shape[1] * config.hidden_size, len(classes))
+                qformer, queries = _fresh_qformer(parts)
+                queries = torch.nn.Parameter(queries)
+                head = torch.nn.Linear(queries[0].numel(), len(classes))
                 modules = [qformer, head, torch.nn.ParameterList([queries])]
 
                 def read(s, qformer=qformer, queries=queries, head=head):
@@ -146,25 +161,18 @@ def qformer_capacity(world: Path, pictures: int, steps: int) -> None:
 
 @torch.no_grad()
 def query_spreads(world: Path, pictures: int) -> None:
-    from transformers import Blip2QFormerModel
-
     from mim.evaluation.query_spread import query_spread
     from mim.modeling.directory import load_model
     from synth.model_parts import build_blip2
-    from synth.model_parts.blip2 import _image_processor
-    from synth.world.parts import WORLD_IMAGE_SIZE
-    from synth.world.scenes import render, world_pairs
+    from synth.world.scenes import world_pairs
 
     parts = build_blip2({"pretrained": str(world / "parts" / "blip2")})
     scenes = list(world_pairs(pictures, 5, "train"))
-    pixels = _image_processor(WORLD_IMAGE_SIZE)(images=[render(s, WORLD_IMAGE_SIZE) for s in scenes],
-                                                 return_tensors="pt")["pixel_values"]
+    pixels = _pixels(scenes)
     states = parts.vision_model(pixel_values=pixels).last_hidden_state
     torch.manual_seed(0)
-    config = parts.qformer.config
-    width = config.hidden_size
-    random_queries = torch.randn(1, parts.query_tokens.shape[1], width) * width ** -0.5  # the world parts' init
-    rows = {"a random Q-Former (the world's config)": Blip2QFormerModel(config.__class__(**config.to_dict())).eval()(
+    random_qformer, random_queries = _fresh_qformer(parts)
+    rows = {"a random Q-Former (the world's config)": random_qformer.eval()(
                 query_embeds=random_queries.expand(len(scenes), -1, -1), encoder_hidden_states=states
             ).last_hidden_state,
             "the world parts' Q-Former (pre-trained)": parts.qformer(
@@ -182,16 +190,35 @@ def query_spreads(world: Path, pictures: int) -> None:
         print(f"| {name} | {spread['picture_share']:.3f} | {spread['query_share']:.3f} | {spread['mean_cosine']:.3f} |")
 
 
+def caption_preferences(world: Path, pictures: int) -> None:
+    from synth.model_parts.clip import build_clip
+    from synth.world.caption_checks import caption_preference
+    from synth.world.parts import WORLD_IMAGE_SIZE
+    from synth.world.scenes import render, world_pairs
+
+    scenes = [s for s in world_pairs(pictures, 99, "train") if not s.mismatched]
+    preference = caption_preference(build_clip({"pretrained": str(world / "parts" / "clip")}),
+                                    [render(s, WORLD_IMAGE_SIZE) for s in scenes], [s.caption for s in scenes])
+    print(f"{len(scenes)} new world pictures: how often the world CLIP scores a picture's own caption above it with "
+          "one word of a class changed (chance 0.50)\n")
+    print("| word changed | prefers its own caption |")
+    print("|---|---|")
+    for word, share in preference.items():
+        print(f"| {word} | {share:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["by-objects", "training-fit", "qformer-capacity", "query-spread"])
+    parser.add_argument("what", choices=["by-objects", "training-fit", "qformer-capacity", "query-spread",
+                                         "caption-preference"])
     parser.add_argument("--world", default="runs/world", help="a `mim world` out_dir")
     parser.add_argument("--split", default="test", help="by-objects: test or held_out")
     parser.add_argument("--run", default="language-seed0", help="training-fit: which run")
     parser.add_argument("--conversations", type=int, default=200, help="training-fit: how many")
     parser.add_argument("--out", default="runs/world_diagnose", help="training-fit: where its answers go")
     parser.add_argument("--pictures", type=int, default=None,
-                        help="qformer-capacity: pictures per task (2400); query-spread: pictures (256)")
+                        help="qformer-capacity: pictures per task (2400); query-spread: pictures (256); "
+                        "caption-preference: pictures drawn (600)")
     parser.add_argument("--steps", type=int, default=600, help="qformer-capacity: training steps")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -202,6 +229,8 @@ def main() -> None:
         training_fit(world, args.run, args.conversations, Path(args.out))
     elif args.what == "query-spread":
         query_spreads(world, args.pictures or 256)
+    elif args.what == "caption-preference":
+        caption_preferences(world, args.pictures or 600)
     else:
         qformer_capacity(world, args.pictures or 2400, args.steps)
     print(f"\n{time.perf_counter() - start:.0f} s")

@@ -559,7 +559,8 @@ def run_world(plan: WorldPlan) -> Path:
     files = build_world(plan)
     parts = build_parts(plan, files)
     filtered = synthesize(plan, files, parts["clip"])
-    if preference := _clip_preference(parts["clip"]):
+    preference = _clip_preference(parts["clip"])
+    if preference:
         print(f"world CLIP: a picture prefers its own caption over one with a word changed: {preference}", flush=True)
     print(f"world: match filter kept {filtered['kept']} of {filtered['pairs']} pairs "
           f"(rejected {filtered['mismatched_rejected']:.1%} of the mismatched); {filtered['conversations']} "
@@ -597,7 +598,7 @@ def run_world(plan: WorldPlan) -> Path:
             export_world_mim(checkpoint, out / "mim" / f"{name}-seed{seed}", parts["sdxl"])
     report = write_report(out, plan, summarise(evaluations),
                           {"filter": filtered, "pictures_matter": blank_controls(evaluations),
-                           "clip_prefers_own_caption": _clip_preference(parts["clip"]),
+                           "clip_prefers_own_caption": preference,
                            "seconds": time.perf_counter() - start})
     print(f"world report: {report}")
     return report

@@ -4,11 +4,11 @@ scores its own caption above them.
 A contrastive model trained with in-batch negatives learns only the differences its batches happen to hold
 (Yuksekgonul et al., ICLR 2023, "When and why vision-language models behave like bags-of-words"). Two captions
 of a batch rarely differ by one shape word alone, so such a model can match pictures to captions well (the
-world CLIP's match filter rejects 97% of the mismatched pairs) while barely seeing shape. Everything the
-world's vision tower and Q-Former learn is learned against this CLIP's caption features, so what it cannot
-tell apart, no MIM built on them is taught before stage 2. Measured (docs/world.md): the world CLIP trained
-600 steps on 3,000 pictures prefers a picture's own caption over the one with its shape changed 0.70 of the
-time (colour 0.91); 250 steps on 1,500 pictures, 0.55.
+world CLIP's match filter rejects 97% of the mismatched pairs) while barely seeing shape. The world's vision
+tower and Q-Former are pre-trained against this CLIP's caption features, so what it cannot tell apart, no part
+learns before MIM's own stages. Measured (docs/world.md; ``benchmarks/world_diagnose.py caption-preference``):
+the world CLIP trained 600 steps on 3,000 pictures prefers a picture's own caption over the one with its shape
+changed 0.70 of the time (colour 0.92); 250 steps on 1,500 pictures, 0.57.
 
 The changes are NegCLIP's two word-level perturbations:
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,15 +99,3 @@ def caption_preference(clip: Any, pictures: Sequence[Any], captions: Sequence[st
             preference[name] = round(float((own[kept] > other).mean()), 4)
     return preference
 
-
-def clip_caption_preference(clip_dir: str | Path, scenes: Sequence[Any], folder: str | Path,
-                            seed: int = 0) -> dict[str, float]:
-    """:func:`caption_preference` of a saved CLIP on matched world ``scenes`` whose pictures are in ``folder``."""
-    from PIL import Image
-
-    from synth.model_parts.clip import build_clip
-
-    scenes = [scene for scene in scenes if not scene.mismatched]
-    pictures = [Image.open(Path(folder) / f"{scene.id}.png").convert("RGB") for scene in scenes]
-    return caption_preference(build_clip({"pretrained": str(clip_dir)}), pictures,
-                              [scene.caption for scene in scenes], seed=seed)
